@@ -1,0 +1,121 @@
+"""Command line: ``bft run``, ``bft tiny-model``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from bft import __version__
+
+
+def _summary(manifest: dict[str, Any]) -> str:
+    lines = [f"{'stage':<10}{'in':>8}{'out':>8}{'dropped':>9}{'wall s':>9}  drop reasons"]
+    for stage, entry in manifest["stages"].items():
+        reasons = ", ".join(f"{k}={v}" for k, v in entry["dropped_by_reason"].items())
+        lines.append(f"{stage:<10}{entry['in']:>8}{entry['out']:>8}{entry['dropped']:>9}"
+                     f"{entry['wall_s']:>9.1f}  {reasons}")
+    status = "yes" if manifest["reconciled"] else "NO: " + "; ".join(manifest["reconciliation_problems"])
+    lines.append(f"counts reconcile: {status}")
+    return "\n".join(lines)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Ray wraps errors raised in tasks; find ours (input, config) for a clean message."""
+    from bft.config import ConfigError
+    from bft.prompts import TemplateError
+    from bft.readers import InputError
+
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (InputError, ConfigError, TemplateError)):
+            return current
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
+    return exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bft.config import load_config
+    from bft.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.set)
+    result = run_pipeline(cfg, args.run_id, from_stage=args.from_stage, from_run=args.from_run)
+    manifest = result.manifest
+    print()
+    print(f"run {result.run_id}: {manifest['final_rows']} SFT examples in {manifest['wall_s']:.1f} s")
+    print(_summary(manifest))
+    print(f"outputs:  {result.run_uri}/  (filtered/ generated/ curated/ rewritten/ sft/ dropped/)")
+    print(f"final dataset: {result.run_uri}/sft/")
+    print(f"manifest: {result.manifest_uri}")
+    return 0 if manifest["reconciled"] else 3
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from bft.tiny_model import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                         intermediate_size=args.intermediate_size, num_layers=args.layers,
+                         num_heads=args.hidden_size // args.head_dim, head_dim=args.head_dim,
+                         max_position_embeddings=args.max_position_embeddings, seed=args.seed)
+    path = build_tiny_model(args.path, spec, corpus=args.corpus)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bft {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline over a corpus")
+    run.add_argument("config", help="YAML config file (local path or s3:// URI)")
+    run.add_argument("--run-id", help="name of this run's output folder (default: UTC time + random)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set input.uri=s3://bucket/crawl/ (repeatable)")
+    run.add_argument("--from-stage", choices=["filter", "generate", "curate", "rewrite"],
+                     help="start at this stage, reading the previous stage's output")
+    run.add_argument("--from-run", help="with --from-stage: the run whose outputs to read (default: --run-id)")
+    run.set_defaults(func=cmd_run)
+
+    tiny = sub.add_parser("tiny-model", help="build a small random-weight Llama model for trials and tests")
+    tiny.add_argument("path", help="output folder")
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--head-dim", type=int, default=64, help=">= 32 (vLLM CPU backend)")
+    tiny.add_argument("--intermediate-size", type=int, default=256)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--vocab-size", type=int, default=2048)
+    tiny.add_argument("--max-position-embeddings", type=int, default=4096)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--corpus", help="extra text file to train the tokenizer on")
+    tiny.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bft.config import ConfigError
+    from bft.prompts import TemplateError
+    from bft.readers import InputError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, TemplateError, InputError, ValueError, FileNotFoundError) as exc:
+        print(f"bft: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - Ray wraps task errors; unwrap ours
+        cause = _root_cause(exc)
+        if cause is exc:
+            raise
+        print(f"bft: error: {cause}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""What every step needs at run time, bundled so it pickles into Ray tasks in one piece."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bft.config import BftConfig
+from bft.filters.dedup import Deduplicator
+from bft.filters.token_length import TokenBudget
+from bft.prompts import PromptTemplate
+from bft.storage import Storage
+from bft.writers.parquet import StageWriter
+
+
+@dataclass
+class RunContext:
+    config: BftConfig
+    storage: Storage
+    run_uri: str
+    templates: dict[str, PromptTemplate]
+    token_budgets: list[TokenBudget] = field(default_factory=list)
+    dedup: Deduplicator | None = None
+
+    @property
+    def writer(self) -> StageWriter:
+        return StageWriter(self.storage, self.run_uri)

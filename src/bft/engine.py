@@ -1,0 +1,59 @@
+"""Build a ray.data.llm vLLM processor (an actor pool of engine replicas) from a stage config.
+
+Chat templating happens in our own light tasks (see ``tokenization.py``), so the
+processor's chat-template, tokenize and detokenize actor pools are switched off: the
+pool is just the engines, and vLLM tokenizes and detokenizes inside each replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from bft.config import LLMStageConfig
+
+
+def placement_bundles(stage: LLMStageConfig) -> list[dict[str, float]]:
+    """One bundle per vLLM worker (tensor x pipeline parallel ranks)."""
+    res = stage.resources
+    bundle: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        bundle["GPU"] = res.gpus_per_worker
+    return [dict(bundle) for _ in range(stage.workers_per_replica)]
+
+
+def processor_config(stage: LLMStageConfig) -> Any:
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    engine_kwargs = dict(stage.engine_kwargs)
+    if stage.tokenizer:
+        engine_kwargs.setdefault("tokenizer", stage.tokenizer)
+    return vLLMEngineProcessorConfig(
+        model_source=stage.model,
+        engine_kwargs=engine_kwargs,
+        batch_size=stage.batch_size,
+        concurrency=tuple(stage.replicas),
+        max_concurrent_batches=stage.max_concurrent_batches,
+        accelerator_type=stage.resources.accelerator_type,
+        placement_group_config={"bundles": placement_bundles(stage)},
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        # A failing request becomes a row with __inference_error__ (dropped as
+        # engine_error) instead of failing the whole run.
+        should_continue_on_error=True,
+        # Engine metrics need Ray Serve's metrics stack; not a dependency of ours.
+        log_engine_metrics=False,
+        runtime_env={"env_vars": dict(stage.env_vars)} if stage.env_vars else None,
+    )
+
+
+def build_engine_processor(stage: LLMStageConfig, preprocess: Callable[[dict], dict],
+                           light_cpus: float) -> Any:
+    from ray.data.llm import build_processor
+
+    return build_processor(
+        processor_config(stage),
+        preprocess=preprocess,
+        preprocess_map_kwargs={"num_cpus": light_cpus},
+        postprocess_map_kwargs={"num_cpus": light_cpus},
+    )

@@ -1,0 +1,61 @@
+"""Token-length bound: every LLM stage's prompt must fit its ``max_model_len``.
+
+For each stage the budget for the document is::
+
+    max_model_len - max_tokens (completion) - prompt overhead - instruction allowance
+
+where the overhead is the token count of the stage's rendered prompt with empty
+placeholders, and the instruction allowance (curate, rewrite) is generate's max_tokens.
+Documents over any stage's budget are dropped here, before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bft.config import BftConfig, LLM_STAGES
+from bft.filters.base import Drop
+from bft.prompts import PromptTemplate
+from bft.tokenization import count_tokens, render_chat
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    stage: str
+    tokenizer: str
+    max_document_tokens: int
+
+
+def token_budgets(cfg: BftConfig, templates: dict[str, PromptTemplate]) -> list[TokenBudget]:
+    budgets = []
+    for name in LLM_STAGES:
+        stage = getattr(cfg, name)
+        if stage.max_model_len is None:
+            continue
+        prompt = render_chat(stage.tokenizer_path, templates[name].messages(document="", instruction=""))
+        overhead = count_tokens(stage.tokenizer_path, [prompt])[0]
+        allowance = cfg.generate.sampling.max_tokens if "instruction" in templates[name].placeholders else 0
+        budgets.append(TokenBudget(name, stage.tokenizer_path,
+                                   stage.max_model_len - stage.sampling.max_tokens - overhead - allowance))
+    return budgets
+
+
+def check_token_lengths(texts: list[str], budgets: list[TokenBudget]) -> list[tuple[Drop | None, int]]:
+    """Per text: the first stage it does not fit (or ``None``) and its token count under the
+    first stage's tokenizer (reported as ``n_tokens``)."""
+    results: list[tuple[Drop | None, int]] = [(None, 0)] * len(texts)
+    counts_by_tokenizer: dict[str, list[int]] = {}
+    for budget in budgets:
+        if budget.tokenizer not in counts_by_tokenizer:
+            counts_by_tokenizer[budget.tokenizer] = count_tokens(budget.tokenizer, texts)
+        counts = counts_by_tokenizer[budget.tokenizer]
+        for i, n in enumerate(counts):
+            drop, first = results[i]
+            if not first:
+                first = n
+            if drop is None and n > budget.max_document_tokens:
+                drop = Drop("too_many_tokens",
+                            f"{n} tokens > {budget.max_document_tokens} that fit {budget.stage}'s "
+                            f"max_model_len with its prompt and completion")
+            results[i] = (drop, first)
+    return results

@@ -1,0 +1,99 @@
+"""Prompt templates: plain text files with ``### system`` / ``### user`` sections.
+
+Templates live in ``bft/templates/`` and any stage can point at its own file instead
+(``generate.prompt_template: my_prompt.txt``), so prompts change without touching
+Python. Placeholders are ``{{document}}`` and ``{{instruction}}``; they are replaced
+literally, so braces inside web documents are never interpreted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+SECTION_RE = re.compile(r"^###\s*(system|user)\s*$", re.MULTILINE)
+PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
+KNOWN_PLACEHOLDERS = {"document", "instruction"}
+
+
+class TemplateError(ValueError):
+    """A prompt template file is malformed."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A parsed prompt template: optional system text and a user text."""
+
+    source: str
+    system: str | None
+    user: str
+
+    @property
+    def placeholders(self) -> set[str]:
+        return set(PLACEHOLDER_RE.findall((self.system or "") + self.user))
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the rendered-relevant text, recorded with every output row."""
+        body = f"system:{self.system or ''}\nuser:{self.user}"
+        return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+    def messages(self, **values: str) -> list[dict[str, str]]:
+        """Render to chat messages, filling placeholders with ``values``."""
+
+        def fill(text: str) -> str:
+            return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], text)
+
+        out = []
+        if self.system:
+            out.append({"role": "system", "content": fill(self.system)})
+        out.append({"role": "user", "content": fill(self.user)})
+        return out
+
+
+def parse_template(text: str, source: str, required: set[str]) -> PromptTemplate:
+    """Parse template text; ``required`` placeholders must all appear."""
+    sections: dict[str, str] = {}
+    matches = list(SECTION_RE.finditer(text))
+    if not matches:
+        raise TemplateError(f"{source}: no '### user' section found")
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        name = match.group(1)
+        if name in sections:
+            raise TemplateError(f"{source}: section '### {name}' appears twice")
+        sections[name] = text[match.end():end].strip("\n")
+    if "user" not in sections or not sections["user"].strip():
+        raise TemplateError(f"{source}: the '### user' section is missing or empty")
+    template = PromptTemplate(source=source, system=sections.get("system") or None,
+                              user=sections["user"])
+    unknown = template.placeholders - KNOWN_PLACEHOLDERS
+    if unknown:
+        raise TemplateError(
+            f"{source}: unknown placeholder(s) {sorted(unknown)}; "
+            f"allowed: {sorted(KNOWN_PLACEHOLDERS)}"
+        )
+    missing = required - template.placeholders
+    if missing:
+        raise TemplateError(f"{source}: missing placeholder(s) {sorted('{{%s}}' % m for m in missing)}")
+    return template
+
+
+def load_template(stage: str, path: str | None, required: set[str]) -> PromptTemplate:
+    """Load a stage's template: the file at ``path``, or the built-in one."""
+    if path is None:
+        text = resources.files("bft.templates").joinpath(f"{stage}.txt").read_text("utf-8")
+        return parse_template(text, f"builtin:{stage}.txt", required)
+    file = Path(path)
+    if not file.is_file():
+        raise TemplateError(f"{path}: prompt template file not found")
+    return parse_template(file.read_text("utf-8"), str(file), required)
+
+
+def builtin_template_texts() -> list[str]:
+    """Texts of the built-in templates (used to train the tiny tokenizer)."""
+    folder = resources.files("bft.templates")
+    return [f.read_text("utf-8") for f in folder.iterdir() if f.name.endswith(".txt")]

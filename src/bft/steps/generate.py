@@ -1,0 +1,50 @@
+"""Generate (backtranslation): ask the backward model which instruction the document answers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bft.config import GenerateConfig
+from bft.filters.base import Drop
+
+NAME = "generate"
+REQUIRED_PLACEHOLDERS = {"document"}
+
+# Labels models like to put in front of the request; removed before length checks.
+LABEL_RE = re.compile(
+    r"^\s*(?:\*\*)?(?:user(?:'s)?\s+(?:message|request|instruction)|instruction|question|request|"
+    r"prompt|query|user|task)(?:\*\*)?\s*[:：-]\s*(?:\*\*)?\s*",
+    re.IGNORECASE)
+QUOTE_PAIRS = [('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"), ("`", "`"), ("«", "»")]
+WHITESPACE_RE = re.compile(r"[ \t]+")
+
+
+def prompt_values(row: dict[str, Any]) -> dict[str, str]:
+    return {"document": row["text"]}
+
+
+def clean_instruction(raw: str) -> str:
+    """Strip labels, wrapping quotes and stray whitespace from a generated instruction."""
+    text = raw.replace("\r\n", "\n").strip()
+    for _ in range(2):  # "Instruction: "..."" needs both steps, twice covers nesting
+        text = LABEL_RE.sub("", text, count=1).strip()
+        for left, right in QUOTE_PAIRS:
+            if len(text) >= 2 and text.startswith(left) and text.endswith(right):
+                text = text[len(left):-len(right)].strip()
+    lines = [WHITESPACE_RE.sub(" ", line).strip() for line in text.split("\n")]
+    # Keep paragraph breaks (multi-part instructions), drop runs of blank lines.
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def parse(raw: str, cfg: GenerateConfig) -> dict[str, Any] | Drop:
+    instruction = clean_instruction(raw or "")
+    if not instruction:
+        return Drop("empty_instruction", "the model returned no instruction")
+    if len(instruction) < cfg.min_instruction_chars:
+        return Drop("instruction_too_short",
+                    f"{len(instruction)} characters < generate.min_instruction_chars {cfg.min_instruction_chars}")
+    if len(instruction) > cfg.max_instruction_chars:
+        return Drop("instruction_too_long",
+                    f"{len(instruction)} characters > generate.max_instruction_chars {cfg.max_instruction_chars}")
+    return {"instruction": instruction}

@@ -1,0 +1,140 @@
+"""Filesystem access for local paths and ``s3://`` URIs through fsspec (s3fs).
+
+A :class:`Storage` is cheap to pickle (it carries the config, not a live client), so the
+same object travels into Ray tasks and opens its own connection there.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from functools import cached_property
+from typing import IO, Any
+
+import fsspec
+
+from bft.config import StorageConfig
+
+INPUT_SUFFIXES = {
+    "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz"),
+    "parquet": (".parquet",),
+}
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', for local paths and ``s3://`` alike."""
+    return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+
+
+def detect_format(path: str) -> str | None:
+    lower = path.lower()
+    for fmt, suffixes in INPUT_SUFFIXES.items():
+        if lower.endswith(suffixes):
+            return fmt
+    return None
+
+
+class Storage:
+    """Opens, lists and writes files under local paths or object-store URIs."""
+
+    def __init__(self, config: StorageConfig):
+        self.config = config
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.config = state["config"]
+
+    @cached_property
+    def _s3(self) -> fsspec.AbstractFileSystem:
+        import s3fs
+
+        # Retries with backoff for throttling/5xx come from botocore's adaptive mode.
+        opts = self.config.fsspec_options()
+        opts.setdefault("config_kwargs", {"retries": {"max_attempts": 10, "mode": "adaptive"}})
+        return s3fs.S3FileSystem(**opts)
+
+    @cached_property
+    def _local(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem("file")
+
+    def fs(self, uri: str) -> fsspec.AbstractFileSystem:
+        if uri.startswith("s3://") or uri.startswith("s3a://"):
+            return self._s3
+        if is_remote(uri):
+            raise ValueError(f"{uri}: unsupported scheme (use a local path or s3://)")
+        return self._local
+
+    @staticmethod
+    def _path(uri: str) -> str:
+        if uri.startswith("s3a://"):
+            return uri[len("s3a://"):]
+        if uri.startswith("s3://"):
+            return uri[len("s3://"):]
+        if uri.startswith("file://"):
+            return uri[len("file://"):]
+        return uri
+
+    @staticmethod
+    def _uri(like: str, path: str) -> str:
+        return f"s3://{path}" if is_remote(like) else path
+
+    def open(self, uri: str, mode: str = "rb", **kwargs: Any) -> IO:
+        return self.fs(uri).open(self._path(uri), mode, **kwargs)
+
+    def exists(self, uri: str) -> bool:
+        return self.fs(uri).exists(self._path(uri))
+
+    def isdir(self, uri: str) -> bool:
+        return self.fs(uri).isdir(self._path(uri))
+
+    def size(self, uri: str) -> int:
+        return int(self.fs(uri).size(self._path(uri)))
+
+    def list_files(self, uri: str) -> list[str]:
+        """All files below ``uri`` (recursively), sorted; empty when nothing is there."""
+        fs = self.fs(uri)
+        path = self._path(uri)
+        if not fs.exists(path):
+            return []
+        if not fs.isdir(path):
+            return [uri]
+        fs.invalidate_cache(path)
+        return sorted(self._uri(uri, p) for p in fs.find(path))
+
+    def read_bytes(self, uri: str) -> bytes:
+        with self.open(uri, "rb") as fh:
+            return fh.read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write a file so that readers never see it half-written.
+
+        Local files are written under a temporary name and renamed; an S3 object only
+        becomes visible once its upload completes, so it is written in place.
+        """
+        fs = self.fs(uri)
+        path = self._path(uri)
+        if is_remote(uri):
+            with fs.open(path, "wb") as fh:
+                fh.write(data)
+            return
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+
+    def remove(self, uris: list[str]) -> None:
+        for uri in uris:
+            self.fs(uri).rm(self._path(uri))
+
+    def check_writable(self, uri: str) -> None:
+        """Fail early (before any model starts) when the output location is unusable."""
+        probe = join(uri, f".bft-write-check-{uuid.uuid4().hex}")
+        self.write_bytes(probe, b"ok")
+        self.remove([probe])

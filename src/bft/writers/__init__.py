@@ -1,0 +1,1 @@
+"""Writers: Parquet files per stage, dropped rows, and the run manifest."""

