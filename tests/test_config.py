@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bft.config import BftConfig, ConfigError, apply_overrides, load_config
+
+MODEL_SET = ["model=/models/m"]
+
+
+def write(tmp_path: Path, data: object, name: str = "cfg.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = load_config(None, MODEL_SET)
+    assert (cfg.filters.min_chars, cfg.filters.max_chars) == (600, 3000)
+    assert (cfg.generate.sampling.temperature, cfg.generate.sampling.top_p) == (1.0, 0.9)
+    assert cfg.curate.threshold == 5
+    assert cfg.curate.structured_output_regex  # on by default so scores always parse
+    assert cfg.rewrite.structured_output_regex is None
+    assert cfg.generate.model == cfg.curate.model == cfg.rewrite.model == "/models/m"
+
+
+def test_every_field_has_a_docstring():
+    def walk(model: type) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                missing += walk(annotation)
+        return missing
+
+    assert walk(BftConfig) == []
+
+
+def test_unknown_field_names_file_and_field(tmp_path):
+    path = write(tmp_path, {"model": "/m", "filters": {"min_charz": 10}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert path in str(err.value) and "filters.min_charz" in str(err.value)
+
+
+def test_bad_value_names_field(tmp_path):
+    path = write(tmp_path, {"model": "/m", "curate": {"threshold": 7}})
+    with pytest.raises(ConfigError, match=r"curate\.threshold"):
+        load_config(path)
+
+
+def test_missing_model_is_explained():
+    with pytest.raises(ConfigError, match=r"generate\.model is required"):
+        load_config(None)
+
+
+def test_max_tokens_must_fit_context():
+    with pytest.raises(ConfigError, match=r"rewrite\.sampling\.max_tokens"):
+        load_config(None, MODEL_SET + ["rewrite.engine_kwargs.max_model_len=512"])
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_set_overrides_parse_yaml_scalars_and_uris():
+    data = apply_overrides({}, ["input.uri=s3://bucket/crawl/", "curate.threshold=4",
+                                "filters.dedup=false", "generate.replicas=[1, 4]"])
+    assert data == {"input": {"uri": "s3://bucket/crawl/"}, "curate": {"threshold": 4},
+                    "filters": {"dedup": False}, "generate": {"replicas": [1, 4]}}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["input.uri"])
+
+
+def test_partial_stage_section_keeps_stage_defaults(tmp_path):
+    path = write(tmp_path, {"model": "/m", "curate": {"sampling": {"max_tokens": 64}}})
+    cfg = load_config(path)
+    assert cfg.curate.sampling.max_tokens == 64
+    assert cfg.curate.sampling.temperature == 0.0  # curate's default, not the generic 1.0
+    assert cfg.curate.structured_output_regex
+
+
+def test_secrets_are_redacted_in_snapshot():
+    cfg = load_config(None, MODEL_SET + ["storage.secret_access_key=TOPSECRETVALUE",
+                                         "storage.access_key_id=AKIAEXAMPLEKEY"])
+    dumped = json.dumps(cfg.redacted())
+    assert "TOPSECRETVALUE" not in dumped and "AKIAEXAMPLEKEY" not in dumped
+    assert cfg.storage.fsspec_options()["secret"] == "TOPSECRETVALUE"
+
+
+def test_local_paths_become_absolute_and_templates_resolve_next_to_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.txt").write_text("### user\nQ: {{document}}\n")
+    path = write(tmp_path / "conf", {"model": "/m", "input": {"uri": "data/x.jsonl"},
+                                     "generate": {"prompt_template": "mine.txt"}})
+    cfg = load_config(path)
+    assert cfg.input.uri == str(tmp_path / "data" / "x.jsonl")
+    assert cfg.output.uri == str(tmp_path / "out")
+    assert cfg.generate.prompt_template == str(tmp_path / "conf" / "mine.txt")
+    assert load_config(None, MODEL_SET + ["input.uri=s3://b/p"]).input.uri == "s3://b/p"
+
+
+def test_replicas_range_validated():
+    with pytest.raises(ConfigError, match="replicas"):
+        load_config(None, MODEL_SET + ["generate.replicas=[3, 1]"])
+
+
+def test_quickstart_config_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "examples" / "quickstart.yaml"))
+    assert cfg.generate.resources.gpus_per_worker == 0
