@@ -120,3 +120,30 @@ def test_quickstart_config_is_valid():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(str(root / "examples" / "quickstart.yaml"))
     assert cfg.generate.resources.gpus_per_worker == 0
+
+
+def test_gpu_example_config_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "examples" / "gpu.yaml"))
+    assert cfg.curate.workers_per_replica == 8 and cfg.generate.replicas == (1, 8)
+
+
+def test_readme_config_reference_matches_code():
+    from bft.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference_markdown() in readme, "README config reference is stale: paste `bft config-reference`"
+
+
+def test_engine_resources_follow_parallelism():
+    from bft.engine import placement_bundles, processor_config
+
+    cfg = load_config(None, MODEL_SET + ["curate.engine_kwargs={tensor_parallel_size: 4, max_model_len: 4096}",
+                                         "curate.resources.accelerator_type=H100", "curate.replicas=[2, 6]"])
+    assert placement_bundles(cfg.curate) == [{"CPU": 1.0, "GPU": 1.0}] * 4
+    proc = processor_config(cfg.curate)
+    assert proc.concurrency == (2, 6) and proc.accelerator_type == "H100"
+    assert proc.should_continue_on_error is True
+    cpu = load_config(None, MODEL_SET + ["generate.resources.gpus_per_worker=0",
+                                         "generate.resources.cpus_per_worker=0.25"])
+    assert placement_bundles(cpu.generate) == [{"CPU": 0.25}]

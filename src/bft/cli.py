@@ -66,6 +66,13 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from bft.config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bft", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bft {__version__}")
@@ -93,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--corpus", help="extra text file to train the tokenizer on")
     tiny.set_defaults(func=cmd_tiny_model)
+
+    ref = sub.add_parser("config-reference", help="print every config field with its default (Markdown)")
+    ref.set_defaults(func=cmd_config_reference)
     return parser
 
 

@@ -167,7 +167,7 @@ class ResourcesConfig(_Strict):
 
 class LLMStageConfig(_Strict):
     model: str = ""
-    """Model for this stage: a local path (or a hub id where the cluster can reach a hub)."""
+    """Model for this stage: a local path (or a hub id where the cluster reaches a hub); empty uses the top-level ``model``."""
 
     tokenizer: str | None = None
     """Tokenizer path or id, when it differs from ``model``."""
@@ -463,3 +463,35 @@ def _resolve_relative_paths(data: dict[str, Any], config_dir: Path | None) -> No
         template = stage.get("prompt_template")
         if isinstance(template, str) and config_dir is not None and not Path(template).is_absolute():
             stage["prompt_template"] = str((config_dir / template).resolve())
+
+
+# --- reference docs --------------------------------------------------------------------
+
+def reference_markdown() -> str:
+    """The config reference table in README.md (a test keeps the two identical)."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str, instance: BaseModel) -> None:
+        for name, field in model.model_fields.items():
+            if name == "stage_defaults":
+                continue
+            value = getattr(instance, name)
+            key = f"{prefix}{name}"
+            if isinstance(value, BaseModel):
+                walk(type(value), key + ".", value)
+                continue
+            if isinstance(value, SecretStr) or value is None:
+                shown = "`None`"
+            elif isinstance(value, str):
+                shown = f"`{value!r}`" if value else "`''`"
+            else:
+                shown = f"`{value}`"
+            text = (field.description or "").replace("\n", " ").replace("|", "\\|")
+            rows.append(f"| `{key}` | {shown.replace('|', chr(92) + '|')} | {text} |")
+
+    defaults = BftConfig.model_construct(
+        input=InputConfig(), storage=StorageConfig(), filters=FilterConfig(),
+        generate=GenerateConfig(), curate=CurateConfig(), rewrite=RewriteConfig(),
+        output=OutputConfig(), ray=RayConfig(), model=None)
+    walk(BftConfig, "", defaults)
+    return "\n".join(rows)

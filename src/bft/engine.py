@@ -25,6 +25,12 @@ def processor_config(stage: LLMStageConfig) -> Any:
     from ray.data.llm import vLLMEngineProcessorConfig
 
     engine_kwargs = dict(stage.engine_kwargs)
+    if stage.workers_per_replica == 1:
+        # One worker: run the model inside the engine-core process rather than in a
+        # separate worker process (another full torch + vLLM import per replica). vLLM's
+        # CPU platform honours this only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (see
+        # examples/quickstart.yaml); GPUs honour it as is.
+        engine_kwargs.setdefault("distributed_executor_backend", "uni")
     if stage.tokenizer:
         engine_kwargs.setdefault("tokenizer", stage.tokenizer)
     return vLLMEngineProcessorConfig(

@@ -148,18 +148,21 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
 
     # Everything that can fail cheaply fails here, before Ray or any model starts.
     storage.check_writable(cfg.output.uri)
+    first_stage_input: int | None = None
     if from_stage == "filter":
         if storage.list_files(run_uri):
             raise ValueError(f"{run_uri} already holds a run; pick another --run-id, or "
                              f"--from-stage to redo later stages of it")
         files = list_inputs(cfg, storage)
         preflight_first_file(cfg, storage, files[0])
-        first_stage_input = None
     else:
-        source_run_uri = join(cfg.output.uri, from_run or run_id)
-        files, first_stage_input = stage_inputs(storage, source_run_uri, from_stage)
-        if from_run is None or from_run == run_id:
+        from_run = from_run or run_id
+        files, first_stage_input = stage_inputs(storage, join(cfg.output.uri, from_run), from_stage)
+        if from_run == run_id:
             clear_stages(storage, run_uri, stages)
+    # A run's manifest covers what its folder holds: from "read" unless it started from
+    # another run's output.
+    manifest_start = from_stage if from_run not in (None, run_id) else "read"
     log.info("run %s: %d input file(s), stages %s -> %s", run_id, len(files), " -> ".join(stages), run_uri)
 
     init_ray(cfg)
@@ -191,11 +194,14 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     finally:
         if dedup is not None:
             dedup.stop()
+        # Stops the engines and Ray's forwarding of worker logs, so nothing is printed
+        # after the summary (its last line, the manifest path, is for scripts to read).
+        ray.shutdown()
 
     manifest = build_manifest(
         storage, run_uri, run_id=run_id, config=cfg.redacted(), started_at=started_at,
-        first_stage_input=first_stage_input,
-        extra={"from_stage": from_stage, "from_run": from_run if from_stage != "filter" else None,
+        start_stage=manifest_start, first_stage_input=first_stage_input,
+        extra={"from_stage": from_stage, "from_run": from_run,
                "input_files": len(files),
                "models": {name: getattr(cfg, name).model for name in LLM_STAGES},
                "prompt_sha256": {name: t.sha256 for name, t in templates.items()}},

@@ -112,25 +112,20 @@ def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
     return tallies
 
 
-def stage_counts(tallies: dict[str, _StageTally],
+def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
                  first_stage_input: int | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Per-stage counts and the list of reconciliation failures (empty when all add up)."""
+    """Per-stage counts from ``start_stage`` on, and the reconciliation failures (empty
+    when all add up). A run restarted from another run's output starts at that stage,
+    with ``first_stage_input`` rows in; a normal run starts at ``read``."""
     counts: dict[str, Any] = {}
     problems: list[str] = []
-    for stage in PIPELINE_ORDER:
-        tally = tallies.get(stage)
-        previous = PREVIOUS_STAGE.get(stage)
-        if stage == "read":
-            if tally is None or not tally.files:
-                continue
-            rows_in = tally.rows_in or 0
-        elif previous in counts:
-            rows_in = counts[previous]["out"]
-        elif first_stage_input is not None and tally is not None:
-            rows_in = first_stage_input
+    for stage in PIPELINE_ORDER[PIPELINE_ORDER.index(start_stage):]:
+        tally = tallies.get(stage) or _StageTally()
+        if stage == start_stage:
+            rows_in = tally.rows_in if stage == "read" else first_stage_input
+            rows_in = rows_in or 0
         else:
-            continue
-        tally = tally or _StageTally()
+            rows_in = counts[PREVIOUS_STAGE[stage]]["out"]
         dropped = sum(tally.dropped.values())
         entry: dict[str, Any] = {
             "in": rows_in,
@@ -151,9 +146,9 @@ def stage_counts(tallies: dict[str, _StageTally],
 
 def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[str, Any],
                    started_at: float, extra: dict[str, Any] | None = None,
-                   first_stage_input: int | None = None) -> dict[str, Any]:
+                   start_stage: str = "read", first_stage_input: int | None = None) -> dict[str, Any]:
     tallies = tally_run(storage, run_uri)
-    counts, problems = stage_counts(tallies, first_stage_input)
+    counts, problems = stage_counts(tallies, start_stage, first_stage_input)
     dropped_total: Counter[str] = Counter()
     for entry in counts.values():
         dropped_total.update(entry["dropped_by_reason"])

