@@ -98,6 +98,15 @@ def test_secrets_are_redacted_in_snapshot():
     assert cfg.storage.fsspec_options()["secret"] == "TOPSECRETVALUE"
 
 
+def test_secret_looking_engine_env_vars_are_redacted():
+    cfg = load_config(None, MODEL_SET + ["generate.env_vars={HF_TOKEN: hf_abc123, VLLM_CPU_KVCACHE_SPACE: '1'}",
+                                         "rewrite.env_vars={WANDB_API_KEY: k9, AWS_SECRET_ACCESS_KEY: s3}"])
+    snap = cfg.redacted()
+    assert snap["generate"]["env_vars"] == {"HF_TOKEN": "**********", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert set(snap["rewrite"]["env_vars"].values()) == {"**********"}
+    assert cfg.generate.env_vars["HF_TOKEN"] == "hf_abc123"  # the engines still get it
+
+
 def test_local_paths_become_absolute_and_templates_resolve_next_to_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "conf").mkdir()

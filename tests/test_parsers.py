@@ -51,6 +51,7 @@ def test_threshold():
     assert curate.parse("ok\nScore: 4", cfg) == {"score": 4, "curate_reasoning": "ok"}
     drop = curate.parse("meh\nScore: 3", cfg)
     assert isinstance(drop, Drop) and drop.reason == "below_threshold"
+    assert drop.fields == {"score": 3}  # every scored pair keeps its score, kept or not
 
 
 # --- rewrite: [RES]...[/RES] -------------------------------------------------------------

@@ -7,6 +7,7 @@ any of them. Validation happens before Ray starts, and errors name the file and 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -14,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 STAGES = ("filter", "generate", "curate", "rewrite")
+REDACTED = "**********"  # what pydantic's SecretStr dumps as
+SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|CREDENTIAL|(^|_)KEY($|_)|API_?KEY", re.IGNORECASE)
 LLM_STAGES = ("generate", "curate", "rewrite")
 
 
@@ -352,8 +355,16 @@ class BftConfig(_Strict):
         return self
 
     def redacted(self) -> dict[str, Any]:
-        """JSON-able snapshot with every secret replaced by ``'**********'``."""
-        return self.model_dump(mode="json")
+        """JSON-able snapshot with every secret replaced by ``'**********'``: the
+        ``storage`` credentials, and engine environment variables whose names suggest a
+        secret (``HF_TOKEN``, ``*_SECRET*``, ``*_KEY``, ``*PASSWORD*``)."""
+        snapshot = self.model_dump(mode="json")
+        for name in LLM_STAGES:
+            env = snapshot[name]["env_vars"]
+            for key in env:
+                if SECRET_NAME_RE.search(key):
+                    env[key] = REDACTED
+        return snapshot
 
 
 # --- loading ---------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def test_every_input_row_ends_in_sft_or_dropped_exactly_once(s3_run):
     dup = next(r for r in dropped_rows if r["reason"] == "duplicate")
     assert dup["id"] == "qs-bad-dup" and "qs-001" in dup["detail"]
     assert all(r["stage"] and r["detail"] for r in dropped_rows)
+    below = [r for r in dropped_rows if r["reason"] == "below_threshold"]
+    assert below and all(1 <= r["score"] < 4 and "Score:" in r["raw_output"] for r in below)
 
 
 def test_final_messages_are_well_formed(s3_run):

@@ -19,27 +19,24 @@ class InputError(ValueError):
     """A whole input file cannot be used (wrong columns, unreadable)."""
 
 
-def lookup(record: dict[str, Any], dotted: str) -> Any:
-    """``record['a']['b']`` for ``'a.b'``; a literal key with dots wins if present."""
+_MISSING = object()
+
+
+def _resolve(record: dict[str, Any], dotted: str) -> Any:
+    """``record['a']['b']`` for ``'a.b'`` (a literal key with dots wins), or ``_MISSING``."""
     if dotted in record:
         return record[dotted]
     node: Any = record
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return _MISSING
         node = node[part]
     return node
 
 
-def has_path(record: dict[str, Any], dotted: str) -> bool:
-    if dotted in record:
-        return True
-    node: Any = record
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def lookup(record: dict[str, Any], dotted: str) -> Any:
+    value = _resolve(record, dotted)
+    return None if value is _MISSING else value
 
 
 def content_id(text: str, url: str | None) -> str:

@@ -43,5 +43,6 @@ def parse(raw: str, cfg: CurateConfig) -> dict[str, Any] | Drop:
         return parsed
     score, reasoning = parsed
     if score < cfg.threshold:
-        return Drop("below_threshold", f"score {score} < curate.threshold {cfg.threshold}")
+        # The score is kept with the drop; the reasoning is in its raw_output.
+        return Drop("below_threshold", f"score {score} < curate.threshold {cfg.threshold}", {"score": score})
     return {"score": score, "curate_reasoning": reasoning}

@@ -54,7 +54,7 @@ def finish_batch(batch: pa.Table, step: ModuleType, ctx: RunContext) -> pa.Table
         result: dict[str, Any] | Drop
         result = Drop("engine_error", error[:2000]) if error else step.parse(raw, stage)
         if isinstance(result, Drop):
-            dropped.append({**base, "reason": result.reason, "detail": result.detail,
+            dropped.append({**base, **result.fields, "reason": result.reason, "detail": result.detail,
                             "raw_output": raw, **tokens})
         else:
             kept.append({**base, **result, f"{name}_raw": raw,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -18,8 +19,6 @@ STATS_DIR = "_stats/read"
 
 
 def stats_uri(run_uri: str, source: str) -> str:
-    import hashlib
-
     return join(run_uri, STATS_DIR, hashlib.sha1(source.encode()).hexdigest()[:20] + ".json")
 
 
