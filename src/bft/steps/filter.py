@@ -9,6 +9,7 @@ import time
 import pyarrow as pa
 
 from bft.context import RunContext
+from bft.filters.base import Drop
 from bft.filters.length import check_length
 from bft.filters.quality import check_quality
 from bft.filters.token_length import check_token_lengths
@@ -21,14 +22,14 @@ def filter_documents(batch: pa.Table, ctx: RunContext) -> pa.Table:
     kept: list[dict] = []
     dropped: list[dict] = []
 
-    def drop(row: dict, reason: str, detail: str) -> None:
-        dropped.append({**row, "reason": reason, "detail": detail})
+    def drop(row: dict, why: Drop) -> None:
+        dropped.append({**row, **why.fields, "reason": why.reason, "detail": why.detail})
 
     candidates = []
     for row in batch.to_pylist():
         failed = check_length(row["text"], cfg) or check_quality(row["text"], cfg)
         if failed:
-            drop(row, *failed)
+            drop(row, failed)
         else:
             candidates.append(row)
 
@@ -38,14 +39,14 @@ def filter_documents(batch: pa.Table, ctx: RunContext) -> pa.Table:
             if owner is None:
                 unique.append(row)
             else:
-                drop(row, "duplicate", f"same normalized text as document {owner}")
+                drop(row, Drop("duplicate", f"same normalized text as document {owner}"))
         candidates = unique
 
     if candidates:
         for row, (failed, n_tokens) in zip(
                 candidates, check_token_lengths([r["text"] for r in candidates], ctx.token_budgets)):
             if failed:
-                drop(row, *failed)
+                drop(row, failed)
             else:
                 kept.append({**row, "n_chars": len(row["text"]), "n_tokens": n_tokens})
 
