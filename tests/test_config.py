@@ -156,3 +156,15 @@ def test_engine_resources_follow_parallelism():
     cpu = load_config(None, MODEL_SET + ["generate.resources.gpus_per_worker=0",
                                          "generate.resources.cpus_per_worker=0.25"])
     assert placement_bundles(cpu.generate) == [{"CPU": 0.25}]
+
+
+def test_date_template_fills_uris():
+    cfg = load_config(None, MODEL_SET + ["input.uri=s3://b/crawl/{date}/", "output.uri=s3://b/runs/{date}",
+                                         "date=2026-11-20"])
+    assert (cfg.input.uri, cfg.output.uri, cfg.date) == ("s3://b/crawl/2026-11-20/", "s3://b/runs/2026-11-20",
+                                                         "2026-11-20")
+    today = load_config(None, MODEL_SET + ["input.uri=s3://b/crawl/{date}/"])
+    assert len(today.date) == 10 and today.date in today.input.uri
+    assert load_config(None, MODEL_SET + ["date=2026-11-20"]).date is None  # nothing dated
+    with pytest.raises(ConfigError, match="date must be YYYY-MM-DD"):
+        load_config(None, MODEL_SET + ["input.uri=x/{date}", "date=2026-13-01"])

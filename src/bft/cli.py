@@ -42,9 +42,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bft.config import load_config
     from bft.pipeline import run_pipeline
 
-    cfg = load_config(args.config, args.set)
-    result = run_pipeline(cfg, args.run_id, from_stage=args.from_stage, from_run=args.from_run)
+    cfg = load_config(args.config, args.set + ([f"date={args.date}"] if args.date else []))
+    result = run_pipeline(cfg, args.run_id, from_stage=args.from_stage, from_run=args.from_run,
+                          force=args.force)
     manifest = result.manifest
+    if result.skipped:
+        print(f"date {cfg.date} was already processed by run {result.run_id}; nothing to do "
+              f"(--force runs it again)")
+        print(f"manifest: {result.manifest_uri}")
+        return 0
     print()
     print(f"run {result.run_id}: {manifest['final_rows']} SFT examples in {manifest['wall_s']:.1f} s")
     print(_summary(manifest))
@@ -63,6 +69,23 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
                          max_position_embeddings=args.max_position_embeddings, seed=args.seed)
     path = build_tiny_model(args.path, spec, corpus=args.corpus)
     print(f"tiny model written to {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from bft.config import load_config
+    from bft.submit import run_command, runtime_env, submit
+
+    if "://" not in args.config:
+        load_config(args.config, args.set)  # fail here, not on the cluster, on a bad config
+    working_dir = None if args.no_working_dir else args.working_dir
+    command = run_command(args.config, args.run_id, args.set, args.date, args.from_stage, args.from_run)
+    job_id = submit(args.address, command, runtime_env(working_dir, not args.no_ship_package),
+                    args.submission_id)
+    print(f"submitted job {job_id}")
+    print(f"follow its logs:  ray job logs --address {args.address} --follow {job_id}")
+    print(f"its status:       ray job status --address {args.address} {job_id}")
+    print(job_id)
     return 0
 
 
@@ -87,7 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from-stage", choices=["filter", "generate", "curate", "rewrite"],
                      help="start at this stage, reading the previous stage's output")
     run.add_argument("--from-run", help="with --from-stage: the run whose outputs to read (default: --run-id)")
+    run.add_argument("--date", help="fills {date} in input/output URIs (YYYY-MM-DD, default: today in UTC)")
+    run.add_argument("--force", action="store_true",
+                     help="with a {date} input: run even if that date was already processed")
     run.set_defaults(func=cmd_run)
+
+    sub_ = sub.add_parser("submit", help="submit `bft run` to a Ray cluster as a job (prints the job id)")
+    sub_.add_argument("config", help="YAML config: a path inside --working-dir, or an s3:// URI")
+    sub_.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    sub_.add_argument("--run-id")
+    sub_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sub_.add_argument("--date")
+    sub_.add_argument("--from-stage", choices=["filter", "generate", "curate", "rewrite"])
+    sub_.add_argument("--from-run")
+    sub_.add_argument("--working-dir", default=".", help="folder shipped to the cluster (default: .)")
+    sub_.add_argument("--no-working-dir", action="store_true", help="ship nothing: the image has what the job needs")
+    sub_.add_argument("--no-ship-package", action="store_true",
+                      help="use the bft installed on the cluster instead of shipping this one")
+    sub_.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    sub_.set_defaults(func=cmd_submit)
 
     tiny = sub.add_parser("tiny-model", help="build a small random-weight Llama model for trials and tests")
     tiny.add_argument("path", help="output folder")

@@ -6,6 +6,7 @@ any of them. Validation happens before Ray starts, and errors name the file and 
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from pathlib import Path
@@ -309,6 +310,11 @@ class BftConfig(_Strict):
     model: str | None = None
     """Model for every LLM stage that names none (e.g. one instruct model for all three)."""
 
+    date: str | None = None
+    """Fills ``{date}`` in ``input.uri`` / ``output.uri`` (``bft run --date``; default: today, UTC). A
+    run over a dated input is recorded under ``<output.uri>/_completed/<date>.json``; the same
+    date is not processed twice unless ``--force``."""
+
     input: InputConfig = Field(default_factory=InputConfig)
     """What to read."""
 
@@ -333,8 +339,25 @@ class BftConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     """Ray connection and scheduling."""
 
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_as_text(cls, value: Any) -> Any:
+        # YAML (and --set) read 2026-11-22 as a date object.
+        return value.isoformat() if isinstance(value, datetime.date) else value
+
     @model_validator(mode="after")
     def _check(self) -> BftConfig:
+        if self.date is not None:
+            try:
+                datetime.date.fromisoformat(self.date)
+            except ValueError:
+                raise ValueError(f"date must be YYYY-MM-DD, got {self.date!r}") from None
+        if any("{date}" in uri for uri in (self.input.uri, self.output.uri)):
+            self.date = self.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+            self.input.uri = self.input.uri.replace("{date}", self.date)
+            self.output.uri = self.output.uri.replace("{date}", self.date)
+        else:
+            self.date = None  # nothing dated: no per-date bookkeeping
         # Ray workers may run elsewhere than the driver: pin local data paths down.
         for block in (self.input, self.output):
             if "://" not in block.uri:
@@ -393,7 +416,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set {item!r}: empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: e.g. an impossible date
             value = raw
         # A URI like s3://a/b parses as a string anyway; dicts from YAML are kept.
         _deep_set(data, key, value)

@@ -8,6 +8,7 @@ end the manifest is built from what was written and checked to reconcile.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -48,6 +49,24 @@ class RunResult:
     run_uri: str
     manifest_uri: str
     manifest: dict[str, Any]
+    skipped: bool = False  # a dated input that an earlier run already processed
+
+
+COMPLETED_DIR = "_completed"
+
+
+def completed_marker(cfg: BftConfig) -> str:
+    return join(cfg.output.uri, COMPLETED_DIR, f"{cfg.date}.json")
+
+
+def previous_run_for_date(cfg: BftConfig, storage: Storage) -> RunResult | None:
+    """The run that already processed ``cfg.date`` (scheduled runs), if any."""
+    marker = completed_marker(cfg)
+    if cfg.date is None or not storage.exists(marker):
+        return None
+    done = json.loads(storage.read_bytes(marker))
+    manifest = json.loads(storage.read_bytes(done["manifest"]))
+    return RunResult(done["run_id"], done["run_uri"], done["manifest"], manifest, skipped=True)
 
 
 def new_run_id() -> str:
@@ -133,11 +152,13 @@ def init_ray(cfg: BftConfig) -> None:
 
 
 def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str | None = None,
-                 from_run: str | None = None) -> RunResult:
+                 from_run: str | None = None, force: bool = False) -> RunResult:
     import ray
 
     started_at = time.time()
     storage = Storage(cfg.storage)
+    if not force and from_stage is None and (previous := previous_run_for_date(cfg, storage)):
+        return previous
     run_id = run_id or new_run_id()
     run_uri = join(cfg.output.uri, run_id)
     templates = load_templates(cfg)
@@ -202,9 +223,15 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         storage, run_uri, run_id=run_id, config=cfg.redacted(), started_at=started_at,
         start_stage=manifest_start, first_stage_input=first_stage_input,
         extra={"from_stage": from_stage, "from_run": from_run,
-               "input_files": len(files),
+               "input_files": len(files), "date": cfg.date,
                "models": {name: getattr(cfg, name).model for name in LLM_STAGES},
                "prompt_sha256": {name: t.sha256 for name, t in templates.items()}},
     )
     manifest_uri = write_manifest(storage, run_uri, manifest)
+    if cfg.date is not None and manifest["reconciled"]:
+        # Consumers read the date's final dataset through this marker, so a forced
+        # re-run replaces the old one instead of adding rows next to it.
+        storage.write_bytes(completed_marker(cfg), json.dumps(
+            {"date": cfg.date, "run_id": run_id, "run_uri": run_uri, "manifest": manifest_uri,
+             "sft": join(run_uri, STAGE_DIRS["sft"]), "final_rows": manifest["final_rows"]}).encode())
     return RunResult(run_id=run_id, run_uri=run_uri, manifest_uri=manifest_uri, manifest=manifest)

@@ -36,8 +36,9 @@ def s3_run(s3_server, tiny_model):
     fs = s3_server.fs()
     fs.mkdir(BUCKET)
     fs.put(str(DOCS), f"{BUCKET}/crawl/2026-11-22/docs.jsonl")
-    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3",
-                     "--set", f"input.uri=s3://{BUCKET}/crawl/2026-11-22/",
+    # A scheduled-style run: the input URI holds a date template.
+    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3", "--date", "2026-11-22",
+                     "--set", f"input.uri=s3://{BUCKET}/crawl/{{date}}/",
                      "--set", f"output.uri=s3://{BUCKET}/runs",
                      *sum((["--set", s] for s in engine_settings(tiny_model)), []),
                      env=s3_server.env)
@@ -143,3 +144,17 @@ def test_restart_from_curate_reuses_generated_output(s3_run, s3_server, tiny_mod
     assert "below_threshold" not in manifest["stages"]["curate"]["dropped_by_reason"]
     assert manifest["reconciled"] is True
     assert not fs.exists(f"{BUCKET}/runs/e2e-s3-recurate/filtered")
+
+
+def test_rerunning_the_same_date_adds_nothing(s3_run, s3_server, tiny_model):
+    fs, first = s3_run
+    marker = json.loads(fs.cat(f"{BUCKET}/runs/_completed/2026-11-22.json"))
+    assert marker["run_id"] == "e2e-s3" and marker["final_rows"] > 0
+    runs_before = sorted(fs.ls(f"{BUCKET}/runs"))
+    again = run_bft("run", "examples/quickstart.yaml", "--date", "2026-11-22",
+                    "--set", f"input.uri=s3://{BUCKET}/crawl/{{date}}/", "--set", f"output.uri=s3://{BUCKET}/runs",
+                    *sum((["--set", s] for s in engine_settings(tiny_model)), []), env=s3_server.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already processed by run e2e-s3" in again.stdout
+    assert again.manifest_uri == first.manifest_uri
+    assert sorted(fs.ls(f"{BUCKET}/runs")) == runs_before  # no new run, no new rows
