@@ -439,8 +439,11 @@ def read_config_text(path: str, storage: StorageConfig | None = None) -> str:
     if "://" in path:
         from bft.storage import Storage
 
-        with Storage(storage or StorageConfig()).open(path, "rb") as fh:
-            return fh.read().decode("utf-8")
+        try:
+            with Storage(storage or StorageConfig()).open(path, "rb") as fh:
+                return fh.read().decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{path}: config file not found")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from bft.config import ConfigError, load_config
 from bft.schema import DROPPED_COLUMNS, STAGE_COLUMNS, STAGE_DIRS
 
 from .conftest import ROOT, S3_SECRET, engine_settings, run_bft
@@ -158,3 +159,15 @@ def test_rerunning_the_same_date_adds_nothing(s3_run, s3_server, tiny_model):
     assert "already processed by run e2e-s3" in again.stdout
     assert again.manifest_uri == first.manifest_uri
     assert sorted(fs.ls(f"{BUCKET}/runs")) == runs_before  # no new run, no new rows
+
+
+def test_config_read_from_s3(s3_server, monkeypatch, tiny_model):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    fs = s3_server.fs()
+    fs.mkdir("bft-configs")
+    fs.put(str(ROOT / "examples" / "quickstart.yaml"), "bft-configs/quickstart.yaml")
+    cfg = load_config("s3://bft-configs/quickstart.yaml", [f"model={tiny_model}"])
+    assert cfg.curate.threshold == 4 and cfg.generate.model == str(tiny_model)
+    with pytest.raises(ConfigError, match="s3://bft-configs/missing.yaml: config file not found"):
+        load_config("s3://bft-configs/missing.yaml")
