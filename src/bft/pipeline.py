@@ -24,8 +24,7 @@ from bft.context import RunContext
 from bft.filters.dedup import Deduplicator
 from bft.filters.token_length import token_budgets
 from bft.prompts import load_template
-from bft.readers import InputError
-from bft.readers.base import ColumnMapping
+from bft.readers import ColumnMapping, InputError, read_file
 from bft.schema import PREVIOUS_STAGE, STAGE_COLUMNS, STAGE_DIRS
 from bft.steps import curate, generate, rewrite
 from bft.steps.filter import filter_documents
@@ -100,8 +99,6 @@ def list_inputs(cfg: BftConfig, storage: Storage) -> list[str]:
 def preflight_first_file(cfg: BftConfig, storage: Storage, uri: str) -> None:
     """Check the first input file's columns before any engine starts, so a wrong
     ``text_column`` fails in seconds rather than after model loading."""
-    from bft.readers.base import read_file
-
     mapping = ColumnMapping.from_config(cfg.input)
     for _ in read_file(storage, uri, cfg.input.format, mapping, cfg.input.rows_per_block):
         return  # first chunk read: columns are fine (a wrong text column raises)
