@@ -181,14 +181,14 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     # A run's manifest covers what its folder holds: from "read" unless it started from
     # another run's output.
     manifest_start = from_stage if from_run not in (None, run_id) else "read"
+    budgets = token_budgets(cfg, templates)  # loads every tokenizer: bad model paths fail here
     log.info("run %s: %d input file(s), stages %s -> %s", run_id, len(files), " -> ".join(stages), run_uri)
 
     init_ray(cfg)
     light = cfg.ray.light_task_cpus
     dedup = Deduplicator.start(cfg.filters.dedup_shards) if "filter" in stages and cfg.filters.dedup else None
     ctx = RunContext(config=cfg, storage=storage, run_uri=run_uri, templates=templates,
-                     token_budgets=token_budgets(cfg, templates) if "filter" in stages else [],
-                     dedup=dedup)
+                     token_budgets=budgets if "filter" in stages else [], dedup=dedup)
 
     # --- the pipeline ------------------------------------------------------------
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))

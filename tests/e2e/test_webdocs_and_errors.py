@@ -61,3 +61,11 @@ def test_missing_input_names_uri(tmp_path, tiny_model):
     result = run_bft("run", "examples/quickstart.yaml", "--set", f"input.uri={tmp_path / 'nothing-here'}",
                      "--set", f"output.uri={tmp_path / 'out'}", f"--set=model={tiny_model}")
     assert result.returncode == 2 and "nothing-here: no input files found" in result.stderr
+
+
+def test_missing_model_fails_before_ray_naming_the_field(tmp_path, tiny_model):
+    result = run_bft("run", "examples/quickstart.yaml", "--set", f"output.uri={tmp_path / 'out'}",
+                     "--set", f"model={tiny_model}", "--set", "rewrite.model=/nonexistent/model")
+    assert result.returncode == 2
+    assert "rewrite.model: cannot load a tokenizer from '/nonexistent/model'" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bft.config import BftConfig, LLM_STAGES
+from bft.config import LLM_STAGES, BftConfig, ConfigError
 from bft.filters.base import Drop
 from bft.prompts import PromptTemplate
-from bft.tokenization import count_tokens, render_chat
+from bft.tokenization import count_tokens, load_tokenizer, render_chat
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,17 @@ class TokenBudget:
 
 
 def token_budgets(cfg: BftConfig, templates: dict[str, PromptTemplate]) -> list[TokenBudget]:
+    """Per-stage document budgets. Loads every stage's tokenizer, so a wrong model path
+    fails here, in the driver, naming the field, before any engine starts."""
     budgets = []
     for name in LLM_STAGES:
         stage = getattr(cfg, name)
+        field = f"{name}.tokenizer" if stage.tokenizer else f"{name}.model"
+        try:
+            load_tokenizer(stage.tokenizer_path)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+            raise ConfigError(f"{field}: cannot load a tokenizer from {stage.tokenizer_path!r} "
+                              f"({type(exc).__name__}); the driver needs the tokenizer files too") from None
         if stage.max_model_len is None:
             continue
         prompt = render_chat(stage.tokenizer_path, templates[name].messages(document="", instruction=""))
