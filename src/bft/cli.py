@@ -26,12 +26,13 @@ def _root_cause(exc: BaseException) -> BaseException:
     from bft.config import ConfigError
     from bft.prompts import TemplateError
     from bft.readers import InputError
+    from bft.storage import StorageError
 
     seen = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (InputError, ConfigError, TemplateError)):
+        if isinstance(current, (InputError, ConfigError, TemplateError, StorageError)):
             return current
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
@@ -151,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     from bft.config import ConfigError
     from bft.prompts import TemplateError
     from bft.readers import InputError
+    from bft.storage import StorageError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, TemplateError, InputError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, TemplateError, InputError, StorageError, ValueError, FileNotFoundError) as exc:
         print(f"bft: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - Ray wraps task errors; unwrap ours

@@ -21,6 +21,20 @@ INPUT_SUFFIXES = {
 }
 
 
+class StorageError(RuntimeError):
+    """A permanent object-store problem (missing bucket, access denied): names the URI
+    and the cause. Raised before any engine starts, so no GPU time is spent on a run
+    that cannot read its input or write its output."""
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "it does not exist"
+    if isinstance(exc, PermissionError):
+        return f"access denied ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -101,6 +115,10 @@ class Storage:
         fs = self.fs(uri)
         path = self._path(uri)
         if not fs.exists(path):
+            bucket = path.split("/", 1)[0]
+            if is_remote(uri) and not fs.exists(bucket):
+                raise StorageError(f"{uri}: bucket '{bucket}' does not exist or these credentials "
+                                   f"cannot see it")
             return []
         if not fs.isdir(path):
             return [uri]
@@ -136,5 +154,8 @@ class Storage:
     def check_writable(self, uri: str) -> None:
         """Fail early (before any model starts) when the output location is unusable."""
         probe = join(uri, f".bft-write-check-{uuid.uuid4().hex}")
-        self.write_bytes(probe, b"ok")
-        self.remove([probe])
+        try:
+            self.write_bytes(probe, b"ok")
+            self.remove([probe])
+        except OSError as exc:  # FileNotFoundError, PermissionError, connection errors
+            raise StorageError(f"{uri}: cannot write there: {_cause(exc)}") from None

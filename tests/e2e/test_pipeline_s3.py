@@ -171,3 +171,15 @@ def test_config_read_from_s3(s3_server, monkeypatch, tiny_model):
     assert cfg.curate.threshold == 4 and cfg.generate.model == str(tiny_model)
     with pytest.raises(ConfigError, match="s3://bft-configs/missing.yaml: config file not found"):
         load_config("s3://bft-configs/missing.yaml")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("input.uri=s3://no-such-bucket/crawl/", "s3://no-such-bucket/crawl/: bucket 'no-such-bucket' does not exist"),
+    ("output.uri=s3://no-such-output/runs", "s3://no-such-output/runs: cannot write there: it does not exist"),
+])
+def test_missing_bucket_fails_fast_naming_uri_and_cause(s3_server, tiny_model, setting, message):
+    result = run_bft("run", "examples/quickstart.yaml", "--set", f"model={tiny_model}", "--set", setting,
+                     env=s3_server.env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stderr
+    assert S3_SECRET not in result.stderr
