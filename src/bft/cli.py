@@ -21,18 +21,23 @@ def _summary(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """Ray wraps errors raised in tasks; find ours (input, config) for a clean message."""
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that explain themselves: printed as one line, exit status 2."""
     from bft.config import ConfigError
     from bft.prompts import TemplateError
     from bft.readers import InputError
     from bft.storage import StorageError
 
+    return ConfigError, TemplateError, InputError, StorageError
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Ray wraps errors raised in tasks; find ours (input, config) for a clean message."""
     seen = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (InputError, ConfigError, TemplateError, StorageError)):
+        if isinstance(current, _user_errors()):
             return current
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
@@ -98,6 +103,8 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bft.config import STAGES
+
     parser = argparse.ArgumentParser(prog="bft", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bft {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
@@ -108,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="name of this run's output folder (default: UTC time + random)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set input.uri=s3://bucket/crawl/ (repeatable)")
-    run.add_argument("--from-stage", choices=["filter", "generate", "curate", "rewrite"],
+    run.add_argument("--from-stage", choices=STAGES,
                      help="start at this stage, reading the previous stage's output")
     run.add_argument("--from-run", help="with --from-stage: the run whose outputs to read (default: --run-id)")
     run.add_argument("--date", help="fills {date} in input/output URIs (YYYY-MM-DD, default: today in UTC)")
@@ -122,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("--run-id")
     sub_.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub_.add_argument("--date")
-    sub_.add_argument("--from-stage", choices=["filter", "generate", "curate", "rewrite"])
+    sub_.add_argument("--from-stage", choices=STAGES)
     sub_.add_argument("--from-run")
     sub_.add_argument("--working-dir", default=".", help="folder shipped to the cluster (default: .)")
     sub_.add_argument("--no-working-dir", action="store_true", help="ship nothing: the image has what the job needs")
@@ -149,17 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bft.config import ConfigError
-    from bft.prompts import TemplateError
-    from bft.readers import InputError
-    from bft.storage import StorageError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, TemplateError, InputError, StorageError, ValueError, FileNotFoundError) as exc:
+    except (*_user_errors(), ValueError, FileNotFoundError) as exc:
         print(f"bft: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - Ray wraps task errors; unwrap ours

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+# Stages a run can start from (``--from-stage``), in pipeline order.
 STAGES = ("filter", "generate", "curate", "rewrite")
 REDACTED = "**********"  # what pydantic's SecretStr dumps as
 SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|CREDENTIAL|(^|_)KEY($|_)|API_?KEY", re.IGNORECASE)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bft.config import LLM_STAGES, BftConfig
+from bft.config import LLM_STAGES, STAGES, BftConfig
 from bft.context import RunContext
 from bft.filters.dedup import Deduplicator
 from bft.filters.token_length import token_budgets
@@ -38,8 +38,6 @@ from bft.writers.parquet import DROPPED_DIR
 log = logging.getLogger("bft")
 
 LLM_STEPS = (generate, curate, rewrite)
-# Stages a run can start from, in order.
-START_STAGES = ("filter", "generate", "curate", "rewrite")
 
 
 @dataclass
@@ -160,9 +158,9 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     run_uri = join(cfg.output.uri, run_id)
     templates = load_templates(cfg)
     from_stage = from_stage or "filter"
-    if from_stage not in START_STAGES:
-        raise ValueError(f"--from-stage must be one of {', '.join(START_STAGES)}, got {from_stage!r}")
-    stages = list(START_STAGES[START_STAGES.index(from_stage):])
+    if from_stage not in STAGES:
+        raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}, got {from_stage!r}")
+    stages = list(STAGES[STAGES.index(from_stage):])
 
     # Everything that can fail cheaply fails here, before Ray or any model starts.
     storage.check_writable(cfg.output.uri)

@@ -104,12 +104,6 @@ class Storage:
     def exists(self, uri: str) -> bool:
         return self.fs(uri).exists(self._path(uri))
 
-    def isdir(self, uri: str) -> bool:
-        return self.fs(uri).isdir(self._path(uri))
-
-    def size(self, uri: str) -> int:
-        return int(self.fs(uri).size(self._path(uri)))
-
     def list_files(self, uri: str) -> list[str]:
         """All files below ``uri`` (recursively), sorted; empty when nothing is there."""
         fs = self.fs(uri)

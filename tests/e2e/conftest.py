@@ -92,5 +92,5 @@ def run_bft(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -
 
 
 def engine_settings(tiny_model: Path) -> list[str]:
-    """--set flags that run every stage on the tiny model on CPU, as the quickstart does."""
-    return [f"model={tiny_model}"]
+    """Flags that run every stage on the test's tiny model (the quickstart's engine settings stay)."""
+    return ["--set", f"model={tiny_model}"]

@@ -41,7 +41,7 @@ def s3_run(s3_server, tiny_model):
     result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3", "--date", "2026-11-22",
                      "--set", f"input.uri=s3://{BUCKET}/crawl/{{date}}/",
                      "--set", f"output.uri=s3://{BUCKET}/runs",
-                     *sum((["--set", s] for s in engine_settings(tiny_model)), []),
+                     *engine_settings(tiny_model),
                      env=s3_server.env)
     assert result.returncode == 0, result.stderr[-5000:]
     return fs, result
@@ -134,7 +134,7 @@ def test_restart_from_curate_reuses_generated_output(s3_run, s3_server, tiny_mod
     result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3-recurate",
                      "--from-stage", "curate", "--from-run", "e2e-s3",
                      "--set", f"output.uri=s3://{BUCKET}/runs", "--set", "curate.threshold=1",
-                     *sum((["--set", s] for s in engine_settings(tiny_model)), []),
+                     *engine_settings(tiny_model),
                      env=s3_server.env)
     assert result.returncode == 0, result.stderr[-5000:]
     manifest = json.loads(fs.cat(result.manifest_uri.removeprefix("s3://")))
@@ -154,7 +154,7 @@ def test_rerunning_the_same_date_adds_nothing(s3_run, s3_server, tiny_model):
     runs_before = sorted(fs.ls(f"{BUCKET}/runs"))
     again = run_bft("run", "examples/quickstart.yaml", "--date", "2026-11-22",
                     "--set", f"input.uri=s3://{BUCKET}/crawl/{{date}}/", "--set", f"output.uri=s3://{BUCKET}/runs",
-                    *sum((["--set", s] for s in engine_settings(tiny_model)), []), env=s3_server.env)
+                    *engine_settings(tiny_model), env=s3_server.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already processed by run e2e-s3" in again.stdout
     assert again.manifest_uri == first.manifest_uri

@@ -83,7 +83,7 @@ def submitted_run(ray_head, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("job-out")
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", EXCLUDES,
            "--", "python", "-m", "bft.cli", "run", "examples/quickstart.yaml", "--run-id", "job-e2e",
-           "--set", f"output.uri={out}", *sum((["--set", s] for s in engine_settings(tiny_model)), [])]
+           "--set", f"output.uri={out}", *engine_settings(tiny_model)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return address, env, out, proc
 
@@ -111,7 +111,7 @@ def test_bft_submit_prints_job_id_and_runs(submitted_run, tiny_model):
     assert first.returncode == 0
     cmd = [sys.executable, "-m", "bft.cli", "submit", "examples/quickstart.yaml", "--address", address,
            "--run-id", "job-e2e-rewrite", "--from-stage", "rewrite", "--from-run", "job-e2e",
-           "--set", f"output.uri={out}", *sum((["--set", s] for s in engine_settings(tiny_model)), [])]
+           "--set", f"output.uri={out}", *engine_settings(tiny_model)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()

@@ -18,7 +18,7 @@ WEBDOCS = ROOT.parent / "shared" / "webdocs"
 def test_webdocs_dolma_and_fineweb(tmp_path, tiny_model):
     result = run_bft("run", "examples/quickstart.yaml", "--run-id", "web",
                      "--set", f"input.uri={WEBDOCS}", "--set", f"output.uri={tmp_path}",
-                     *sum((["--set", s] for s in engine_settings(tiny_model)), []))
+                     *engine_settings(tiny_model))
     assert result.returncode == 0, result.stderr[-5000:]
     manifest = json.loads(Path(result.manifest_uri).read_text())
     stages = manifest["stages"]

