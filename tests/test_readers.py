@@ -114,3 +114,80 @@ def test_shared_webdocs_both_layouts_agree():
     assert len(dolma) == len(fineweb) == 300 and not d_drops and not f_drops
     key = lambda d: (d["id"], d["url"], d["text"])  # noqa: E731
     assert [key(d) for d in dolma] == [key(d) for d in fineweb]
+
+
+# --- hostile input ----------------------------------------------------------------------
+
+def read_skip(path: Path, block: int = 100):
+    docs, drops, stats = [], [], None
+    for d, x, stats in read_file(STORAGE, str(path), "auto", ColumnMapping(), block, on_bad_file="skip"):
+        docs += d
+        drops += x
+    return docs, drops, stats
+
+
+def test_hostile_corpus_every_bad_row_dropped_with_its_reason(tmp_path):
+    from collections import Counter
+
+    from hostile import write_hostile_corpus
+
+    corpus = write_hostile_corpus(tmp_path)
+    seen_ids = set()
+    for path in corpus.files:
+        docs, drops, stats = read_skip(path)
+        reasons = Counter(d["reason"] for d in drops)
+        if path.name in corpus.all_dropped_as:
+            assert not docs and set(reasons) <= corpus.all_dropped_as[path.name], (path.name, reasons)
+            assert sum(reasons.values()) == corpus.read_drops[path.name]["*"]
+        else:
+            assert reasons == corpus.read_drops[path.name], path.name
+        # every row is counted once, kept or dropped, and each drop names file and row
+        assert stats.rows_seen == len(docs) + len(drops) == stats.rows_ok + stats.rows_dropped
+        assert all(path.name in d["detail"] and d["source"] == str(path) for d in drops)
+        # no lone surrogates survive into anything that will be written as UTF-8
+        for row in docs + drops:
+            for value in (row.get("text"), row.get("id"), row.get("url")):
+                if value is not None:
+                    value.encode("utf-8")
+        seen_ids |= {d["id"] for d in docs}
+    assert corpus.good_ids <= seen_ids
+    huge = next(d for d in read_skip(corpus.files[0])[0] if d["id"] == corpus.huge_id)
+    assert len(huge["text"]) > 10_000_000
+
+
+def test_truncated_gzip_keeps_rows_before_the_cut(tmp_path):
+    from hostile import write_hostile_corpus
+
+    corpus = write_hostile_corpus(tmp_path)
+    path = next(p for p in corpus.files if p.name.endswith(".gz"))
+    docs, drops, _ = read_skip(path, block=7)
+    assert 0 < len(docs) < 40
+    assert [d["id"] for d in docs] == [f"gz-{i}" for i in range(len(docs))]
+    (cut,) = drops
+    assert cut["reason"] == "unreadable_file" and cut["source_row"] == len(docs) + 1
+    assert "EOFError" in cut["detail"] or "Error" in cut["detail"]
+
+
+@pytest.mark.parametrize("name", ["c-truncated.jsonl.gz", "e-other-schema.parquet", "f-not-really.parquet"])
+def test_on_bad_file_fail_names_the_file(tmp_path, name):
+    from hostile import write_hostile_corpus
+
+    write_hostile_corpus(tmp_path)
+    with pytest.raises(InputError, match=name.replace(".", r"\.")):
+        read_all(tmp_path / name)
+
+
+def test_read_drops_can_be_written_as_parquet(tmp_path):
+    """Drop rows from hostile input (surrogates, NULs, binary) survive the Parquet writer."""
+    from bft.writers.parquet import StageWriter
+
+    from hostile import write_hostile_corpus
+
+    corpus = write_hostile_corpus(tmp_path / "in")
+    writer = StageWriter(STORAGE, str(tmp_path / "run"))
+    for path in corpus.files:
+        docs, drops, _ = read_skip(path)
+        writer.write("read", [], drops, 0.0)
+    written = sum(pq.read_table(f).num_rows for f in (tmp_path / "run" / "dropped").glob("*.parquet"))
+    expected = sum(len(read_skip(p)[1]) for p in corpus.files)
+    assert written == expected > 0

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from-run", help="with --from-stage: the run whose outputs to read (default: --run-id)")
     run.add_argument("--date", help="fills {date} in input/output URIs (YYYY-MM-DD, default: today in UTC)")
     run.add_argument("--force", action="store_true",
-                     help="with a {date} input: run even if that date was already processed")
+                     help="with a {date} input: start a new run even if that date was already processed "
+                          "or has an unfinished run (which is otherwise resumed)")
     run.set_defaults(func=cmd_run)
 
     sub_ = sub.add_parser("submit", help="submit `bft run` to a Ray cluster as a job (prints the job id)")

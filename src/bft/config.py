@@ -53,6 +53,11 @@ class InputConfig(_Strict):
     max_files: int | None = Field(default=None, ge=1)
     """Read at most this many files (sorted by name); ``None`` reads all."""
 
+    on_bad_file: Literal["skip", "fail"] = "skip"
+    """A file that cannot be read to its end (truncated gzip, not Parquet, no text column):
+    ``skip`` keeps the rows read before the damage, records the rest as one dropped row
+    (``unreadable_file`` / ``wrong_schema``) and goes on; ``fail`` stops the run naming the file."""
+
 
 class StorageConfig(_Strict):
     endpoint_url: str | None = None
@@ -303,6 +308,15 @@ class RayConfig(_Strict):
     light_task_cpus: float = Field(default=0.1, gt=0)
     """CPUs reserved by reading, filtering, prompt building and parsing tasks. They spend
     most time waiting on I/O or engines, so a small share avoids starving engine pools."""
+
+    engine_batch_retries: int = Field(default=3, ge=0)
+    """How often a batch is retried on a fresh engine replica after the replica running it
+    died (node lost, engine crash). Rows of a batch that fails every retry are dropped
+    (``batch_failed``) rather than retried forever."""
+
+    max_failed_batches: int = Field(default=10, ge=0)
+    """Failed batches tolerated per run (their rows go to ``dropped/``); one more fails the
+    run: that many failures means a broken model or setup, not a bad row."""
 
 
 class BftConfig(_Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from bft.config import BftConfig
 from bft.filters.dedup import Deduplicator
@@ -20,7 +21,16 @@ class RunContext:
     templates: dict[str, PromptTemplate]
     token_budgets: list[TokenBudget] = field(default_factory=list)
     dedup: Deduplicator | None = None
+    # Rows earlier attempts of this run finished (``resume.FinishedRows``), as a Ray
+    # object reference so the arrays travel once per node, not once per task.
+    finished: Any = None
 
     @property
     def writer(self) -> StageWriter:
         return StageWriter(self.storage, self.run_uri)
+
+    def finished_rows(self) -> Any:
+        """The resolved ``FinishedRows`` (``None`` on a first attempt)."""
+        import ray
+
+        return ray.get(self.finished) if isinstance(self.finished, ray.ObjectRef) else self.finished

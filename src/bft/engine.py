@@ -12,6 +12,10 @@ from typing import Any, Callable
 from bft.config import LLMStageConfig
 
 
+# Name ray.data.llm gives the engine stage of a processor.
+ENGINE_STAGE = "vLLMEngineStage"
+
+
 def placement_bundles(stage: LLMStageConfig) -> list[dict[str, float]]:
     """One bundle per vLLM worker (tensor x pipeline parallel ranks)."""
     res = stage.resources
@@ -54,12 +58,19 @@ def processor_config(stage: LLMStageConfig) -> Any:
 
 
 def build_engine_processor(stage: LLMStageConfig, preprocess: Callable[[dict], dict],
-                           light_cpus: float) -> Any:
+                           light_cpus: float, batch_retries: int) -> Any:
     from ray.data.llm import build_processor
 
-    return build_processor(
+    processor = build_processor(
         processor_config(stage),
         preprocess=preprocess,
         preprocess_map_kwargs={"num_cpus": light_cpus},
         postprocess_map_kwargs={"num_cpus": light_cpus},
     )
+    # A replica that dies (node lost, engine crash) is restarted by Ray Data, and its
+    # batches are retried elsewhere. Ray Data retries them forever by default; a batch
+    # that kills every engine it meets must fail instead, so its rows can be dropped.
+    engine = processor.get_stage_by_name(ENGINE_STAGE)
+    engine.map_batches_kwargs["max_task_retries"] = batch_retries
+    return processor
+

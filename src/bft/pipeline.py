@@ -12,11 +12,10 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bft.config import LLM_STAGES, STAGES, BftConfig
@@ -25,15 +24,16 @@ from bft.filters.dedup import Deduplicator
 from bft.filters.token_length import token_budgets
 from bft.prompts import load_template
 from bft.readers import ColumnMapping, InputError, read_file
-from bft.schema import PREVIOUS_STAGE, STAGE_COLUMNS, STAGE_DIRS
+from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
+from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_COLUMNS, STAGE_DIRS
 from bft.steps import curate, generate, rewrite
 from bft.steps.filter import filter_documents
 from bft.steps.llm import apply_llm_step
-from bft.steps.read import read_files
+from bft.steps.read import read_files, read_stage_outputs
 from bft.steps.sft import build_sft
 from bft.storage import Storage, detect_format, join
 from bft.writers.manifest import build_manifest, write_manifest
-from bft.writers.parquet import DROPPED_DIR
+from bft.writers.parquet import DROPPED_DIR, StageWriter
 
 log = logging.getLogger("bft")
 
@@ -50,10 +50,25 @@ class RunResult:
 
 
 COMPLETED_DIR = "_completed"
+STARTED_DIR = "_started"
 
 
 def completed_marker(cfg: BftConfig) -> str:
     return join(cfg.output.uri, COMPLETED_DIR, f"{cfg.date}.json")
+
+
+def started_marker(cfg: BftConfig) -> str:
+    return join(cfg.output.uri, STARTED_DIR, f"{cfg.date}.json")
+
+
+def unfinished_run_for_date(cfg: BftConfig, storage: Storage) -> str | None:
+    """The run id of an attempt at ``cfg.date`` that never completed, if any: a scheduled
+    job that is retried (RayJob backoffLimit, a re-run by hand) resumes it instead of
+    starting over."""
+    marker = started_marker(cfg)
+    if cfg.date is None or not storage.exists(marker):
+        return None
+    return json.loads(storage.read_bytes(marker))["run_id"]
 
 
 def previous_run_for_date(cfg: BftConfig, storage: Storage) -> RunResult | None:
@@ -94,12 +109,22 @@ def list_inputs(cfg: BftConfig, storage: Storage) -> list[str]:
     return files
 
 
-def preflight_first_file(cfg: BftConfig, storage: Storage, uri: str) -> None:
-    """Check the first input file's columns before any engine starts, so a wrong
-    ``text_column`` fails in seconds rather than after model loading."""
+def preflight(cfg: BftConfig, storage: Storage, files: list[str], tries: int = 3) -> None:
+    """Read the start of the first input file before any engine starts, so a wrong
+    ``text_column`` fails in seconds rather than after model loading. With
+    ``on_bad_file: skip`` a damaged first file is not the run's problem: the next ones
+    are tried, and only if none of the first few is readable does the run stop."""
     mapping = ColumnMapping.from_config(cfg.input)
-    for _ in read_file(storage, uri, cfg.input.format, mapping, cfg.input.rows_per_block):
-        return  # first chunk read: columns are fine (a wrong text column raises)
+    errors = []
+    for uri in files[:tries if cfg.input.on_bad_file == "skip" else 1]:
+        try:
+            for _ in read_file(storage, uri, cfg.input.format, mapping, cfg.input.rows_per_block):
+                return  # first chunk read: the file opens and has the text column
+        except InputError as exc:
+            errors.append(exc)
+            log.warning("%s", exc)
+    raise errors[0] if len(errors) == 1 else InputError(
+        f"none of the first {len(errors)} input files is readable: " + "; ".join(map(str, errors)))
 
 
 def stage_inputs(storage: Storage, source_run_uri: str, from_stage: str) -> tuple[list[str], int]:
@@ -125,12 +150,70 @@ def clear_stages(storage: Storage, run_uri: str, stages: list[str]) -> None:
     storage.remove(doomed)
 
 
-def read_stage_files(batch: pa.Table, storage: Storage, columns: list[str]) -> Iterator[pa.Table]:
-    """Stream an earlier stage's Parquet back in (for ``--from-stage``)."""
-    for uri in batch.column("path").to_pylist():
+@dataclass
+class WorkPlan:
+    """What this attempt of a run does: which stages run, which input files are read,
+    and which earlier-stage files feed rows in part-way (``--from-stage``, resume)."""
+
+    stages: list[str]
+    input_files: list[str]
+    entries: dict[str, list[str]] = field(default_factory=dict)
+    finished: FinishedRows | None = None  # rows earlier attempts finished (resume)
+    manifest_start: str = "read"  # a run restarted from another run's output starts later
+    first_stage_input: int | None = None
+    resume: dict[str, Any] | None = None  # what resuming found, for the manifest
+    inputs_total: int | None = None  # input files the run covers, over all its attempts
+
+    @property
+    def empty(self) -> bool:
+        return not self.input_files and not any(self.entries.values())
+
+
+def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_stage: str | None,
+              from_run: str | None, prompt_sha256: dict[str, str]) -> WorkPlan:
+    if from_stage not in (None, "filter"):
+        stages = list(STAGES[STAGES.index(from_stage):])
+        from_run = from_run or run_id
+        files, rows_in = stage_inputs(storage, join(cfg.output.uri, from_run), from_stage)
+        if from_run == run_id:
+            clear_stages(storage, run_uri, stages)
+        return WorkPlan(stages, [], {from_stage: files},
+                        manifest_start=from_stage if from_run != run_id else "read", first_stage_input=rows_in)
+
+    inputs = list_inputs(cfg, storage)
+    if not storage.list_files(run_uri):
+        write_run_record(storage, run_uri, cfg, prompt_sha256)
+        preflight(cfg, storage, inputs)
+        return WorkPlan(list(STAGES), inputs, inputs_total=len(inputs))
+
+    # The run id exists: resume it, doing only what no earlier attempt finished.
+    check_same_run(storage, run_uri, cfg, prompt_sha256)
+    state = scan_run(storage, run_uri)
+    to_read = [f for f in inputs if not state.input_done(f)]
+    joining = PIPELINE_ORDER[PIPELINE_ORDER.index("filter") + 1:]  # stages rows can join at
+    entries = {stage: state.entry_files(stage) for stage in joining}
+    resume = {
+        "finished_before": {stage: state.finished.count(stage) for stage in PIPELINE_ORDER},
+        "input_files_read_again": len(to_read),
+        "rows_entering_at": {stage: state.pending(stage) for stage in joining},
+    }
+    log.info("resuming %s: %d of %d input file(s) to read again; rows entering at %s", run_uri,
+             len(to_read), len(inputs), ", ".join(f"{k} {v}" for k, v in resume["rows_entering_at"].items()))
+    return WorkPlan(list(STAGES), to_read, entries, finished=state.finished, resume=resume,
+                    inputs_total=len(inputs))
+
+
+def seed_dedup(dedup: Deduplicator, storage: Storage, run_uri: str, light_cpus: float) -> None:
+    """On resume, teach the dedup shards the documents earlier attempts kept."""
+    import ray
+
+    @ray.remote(num_cpus=light_cpus)
+    def remember(uri: str) -> None:
         with storage.open(uri, "rb") as fh:
-            for record_batch in pq.ParquetFile(fh).iter_batches(columns=columns):
-                yield pa.Table.from_batches([record_batch])
+            dedup.remember(pq.read_table(fh, columns=["id", "source", "source_row", "text"]).to_pylist())
+
+    files = [f for f in storage.list_files(join(run_uri, STAGE_DIRS["filter"])) if f.endswith(".parquet")]
+    ray.get([remember.remote(uri) for uri in files])
 
 
 def init_ray(cfg: BftConfig) -> None:
@@ -148,59 +231,96 @@ def init_ray(cfg: BftConfig) -> None:
 
 def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str | None = None,
                  from_run: str | None = None, force: bool = False) -> RunResult:
-    import ray
-
     started_at = time.time()
     storage = Storage(cfg.storage)
     if not force and from_stage is None and (previous := previous_run_for_date(cfg, storage)):
         return previous
+    if run_id is None and not force and from_stage is None and (run_id := unfinished_run_for_date(cfg, storage)):
+        log.info("date %s: run %s started earlier and did not finish; resuming it", cfg.date, run_id)
     run_id = run_id or new_run_id()
     run_uri = join(cfg.output.uri, run_id)
     templates = load_templates(cfg)
-    from_stage = from_stage or "filter"
-    if from_stage not in STAGES:
+    prompt_sha256 = {name: t.sha256 for name, t in templates.items()}
+    if from_stage is not None and from_stage not in STAGES:
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}, got {from_stage!r}")
-    stages = list(STAGES[STAGES.index(from_stage):])
 
     # Everything that can fail cheaply fails here, before Ray or any model starts.
     storage.check_writable(cfg.output.uri)
-    first_stage_input: int | None = None
-    if from_stage == "filter":
-        if storage.list_files(run_uri):
-            raise ValueError(f"{run_uri} already holds a run; pick another --run-id, or "
-                             f"--from-stage to redo later stages of it")
-        files = list_inputs(cfg, storage)
-        preflight_first_file(cfg, storage, files[0])
-    else:
-        from_run = from_run or run_id
-        files, first_stage_input = stage_inputs(storage, join(cfg.output.uri, from_run), from_stage)
-        if from_run == run_id:
-            clear_stages(storage, run_uri, stages)
-    # A run's manifest covers what its folder holds: from "read" unless it started from
-    # another run's output.
-    manifest_start = from_stage if from_run not in (None, run_id) else "read"
+    plan = plan_work(cfg, storage, run_id, run_uri, from_stage, from_run, prompt_sha256)
+    if cfg.date is not None and from_stage is None and plan.resume is None:
+        storage.write_bytes(started_marker(cfg), json.dumps({"date": cfg.date, "run_id": run_id}).encode())
     budgets = token_budgets(cfg, templates)  # loads every tokenizer: bad model paths fail here
-    log.info("run %s: %d input file(s), stages %s -> %s", run_id, len(files), " -> ".join(stages), run_uri)
+
+    if plan.empty:
+        log.info("run %s: nothing left to do; rebuilding its manifest", run_id)
+    else:
+        log.info("run %s: %d input file(s) to read, stages %s -> %s", run_id, len(plan.input_files),
+                 " -> ".join(plan.stages), run_uri)
+        run_dataset(cfg, plan, storage, run_uri, templates, budgets)
+
+    manifest = build_manifest(
+        storage, run_uri, run_id=run_id, config=cfg.redacted(), started_at=started_at,
+        start_stage=plan.manifest_start, first_stage_input=plan.first_stage_input,
+        input_files=plan.inputs_total,
+        extra={"from_stage": from_stage, "from_run": from_run, "date": cfg.date, "resume": plan.resume,
+               "input_files": plan.inputs_total,
+               "models": {name: getattr(cfg, name).model for name in LLM_STAGES},
+               "prompt_sha256": prompt_sha256},
+    )
+    manifest_uri = write_manifest(storage, run_uri, manifest)
+    if cfg.date is not None and manifest["reconciled"]:
+        # Consumers read the date's final dataset through this marker, so a forced
+        # re-run replaces the old one instead of adding rows next to it.
+        storage.write_bytes(completed_marker(cfg), json.dumps(
+            {"date": cfg.date, "run_id": run_id, "run_uri": run_uri, "manifest": manifest_uri,
+             "sft": join(run_uri, STAGE_DIRS["sft"]), "final_rows": manifest["final_rows"]}).encode())
+    return RunResult(run_id=run_id, run_uri=run_uri, manifest_uri=manifest_uri, manifest=manifest)
+
+
+def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
+                templates: dict[str, Any], budgets: list[Any]) -> None:
+    """Build the Ray Data pipeline for ``plan`` and drive it to its end."""
+    import ray
 
     init_ray(cfg)
+    # Batches that fail every retry are skipped by Ray Data (up to this many per run)
+    # and their rows dropped by sweep_failed_batches, instead of failing a long run.
+    ray.data.DataContext.get_current().max_errored_blocks = cfg.ray.max_failed_batches
     light = cfg.ray.light_task_cpus
-    dedup = Deduplicator.start(cfg.filters.dedup_shards) if "filter" in stages and cfg.filters.dedup else None
+    dedup = None
+    if plan.input_files and cfg.filters.dedup:
+        dedup = Deduplicator.start(cfg.filters.dedup_shards)
+        if plan.finished is not None:
+            seed_dedup(dedup, storage, run_uri, light)
     ctx = RunContext(config=cfg, storage=storage, run_uri=run_uri, templates=templates,
-                     token_budgets=budgets if "filter" in stages else [], dedup=dedup)
+                     token_budgets=budgets, dedup=dedup,
+                     finished=ray.put(plan.finished) if plan.finished is not None else None)
+
+    def files(uris: list[str]) -> Any:
+        return ray.data.from_items([{"path": f} for f in uris], override_num_blocks=len(uris))
+
+    def enter(ds: Any, stage: str) -> Any:
+        """Add the rows that join at ``stage``, read back from the stage before it."""
+        if not plan.entries.get(stage):
+            return ds
+        columns = list(STAGE_COLUMNS[PREVIOUS_STAGE[stage]])
+        joining = files(plan.entries[stage]).map_batches(
+            partial(read_stage_outputs, ctx=ctx, stage=stage, columns=columns),
+            batch_size=1, batch_format="pyarrow", num_cpus=light)
+        return joining if ds is None else ds.union(joining)
 
     # --- the pipeline ------------------------------------------------------------
-    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    if "filter" in stages:
+    ds = None
+    if plan.input_files:
+        ds = files(plan.input_files)
         ds = ds.map_batches(partial(read_files, ctx=ctx), batch_size=1, batch_format="pyarrow", num_cpus=light)
         ds = ds.map_batches(partial(filter_documents, ctx=ctx), batch_format="pyarrow",
                             batch_size=cfg.input.rows_per_block, num_cpus=light)
-    else:
-        columns = list(STAGE_COLUMNS[PREVIOUS_STAGE[from_stage]])
-        ds = ds.map_batches(partial(read_stage_files, storage=storage, columns=columns),
-                            batch_size=1, batch_format="pyarrow", num_cpus=light)
     for step in LLM_STEPS:
-        if step.NAME in stages:
+        ds = enter(ds, step.NAME)
+        if ds is not None:
             ds = apply_llm_step(ds, step, ctx)
+    ds = enter(ds, "sft")
     ds = ds.map_batches(partial(build_sft, ctx=ctx), batch_format="pyarrow", num_cpus=light)
     # -------------------------------------------------------------------------------
 
@@ -213,20 +333,28 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         # Stops the engines and Ray's forwarding of worker logs, so nothing is printed
         # after the summary (its last line, the manifest path, is for scripts to read).
         ray.shutdown()
+    sweep_failed_batches(storage, run_uri, cfg)
 
-    manifest = build_manifest(
-        storage, run_uri, run_id=run_id, config=cfg.redacted(), started_at=started_at,
-        start_stage=manifest_start, first_stage_input=first_stage_input,
-        extra={"from_stage": from_stage, "from_run": from_run,
-               "input_files": len(files), "date": cfg.date,
-               "models": {name: getattr(cfg, name).model for name in LLM_STAGES},
-               "prompt_sha256": {name: t.sha256 for name, t in templates.items()}},
-    )
-    manifest_uri = write_manifest(storage, run_uri, manifest)
-    if cfg.date is not None and manifest["reconciled"]:
-        # Consumers read the date's final dataset through this marker, so a forced
-        # re-run replaces the old one instead of adding rows next to it.
-        storage.write_bytes(completed_marker(cfg), json.dumps(
-            {"date": cfg.date, "run_id": run_id, "run_uri": run_uri, "manifest": manifest_uri,
-             "sft": join(run_uri, STAGE_DIRS["sft"]), "final_rows": manifest["final_rows"]}).encode())
-    return RunResult(run_id=run_id, run_uri=run_uri, manifest_uri=manifest_uri, manifest=manifest)
+
+def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> None:
+    """Drop (``batch_failed``) the rows of batches Ray Data gave up on.
+
+    Called only after the stream ran to its end: a row kept by one stage and not
+    finished by the next can then only belong to a batch that failed every retry."""
+    writer = StageWriter(storage, run_uri)
+    state = scan_run(storage, run_uri)
+    for stage in (*LLM_STAGES, "sft"):
+        lost = []
+        for uri in state.entry_files(stage):
+            with storage.open(uri, "rb") as fh:
+                rows = pq.read_table(fh).to_pylist()
+            done = state.finished.mask(stage, [r["source"] for r in rows], [r["source_row"] for r in rows])
+            lost += [row for row, finished in zip(rows, done) if not finished]
+        if lost:
+            log.warning("%s: %d row(s) were in batches that failed every retry; dropped as batch_failed",
+                        stage, len(lost))
+            detail = (f"its batch failed at {stage} on every attempt (ray.engine_batch_retries="
+                      f"{cfg.ray.engine_batch_retries}); the cause is in the Ray logs of the run")
+            writer.write(stage, [], [{**row, "reason": "batch_failed", "detail": detail} for row in lost],
+                         time.time())
+            state = scan_run(storage, run_uri)  # so the next stage does not count them as lost

@@ -51,6 +51,7 @@ SFT_COLUMNS = {
     "id": pa.string(),
     "url": pa.string(),
     "source": pa.string(),
+    "source_row": pa.int64(),
     "score": pa.int64(),
     "generate_model": pa.string(),
     "curate_model": pa.string(),

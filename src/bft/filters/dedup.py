@@ -72,3 +72,9 @@ class Deduplicator:
     def stop(self) -> None:
         for shard in self.shards:
             ray.kill(shard)
+
+    def remember(self, rows: list[dict]) -> None:
+        """Register documents an earlier attempt of the run kept (resume), so their
+        copies still count as duplicates; claims by the same occurrence are no-ops."""
+        if rows:
+            self.duplicates_of(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -39,6 +40,16 @@ def lookup(record: dict[str, Any], dotted: str) -> Any:
     return None if value is _MISSING else value
 
 
+def _clean(value: str) -> str:
+    """``value`` made storable: lone surrogates (from ``\\ud800``-style JSON escapes)
+    cannot be written as UTF-8, so they become U+FFFD."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def content_id(text: str, url: str | None) -> str:
     """Stable id for sources without one: the same url + text always gets the same id."""
     digest = hashlib.sha1(f"{url or ''}\n{text}".encode("utf-8", "surrogatepass")).hexdigest()
@@ -67,8 +78,9 @@ class ColumnMapping:
     def to_doc(self, record: dict[str, Any], source: str, position: int) -> dict[str, Any]:
         """A document row, or a drop record (with ``reason``) when the text is unusable."""
         url = self._first(record, self.url, DEFAULT_URL_COLUMNS)
-        url = None if url is None else str(url)
+        url = None if url is None else _clean(str(url))
         raw_id = self._first(record, self.id, DEFAULT_ID_COLUMNS)
+        raw_id = None if raw_id is None else _clean(str(raw_id))
         text = lookup(record, self.text)
         if text is None:
             return self.drop(source, position, "missing_text",
@@ -79,13 +91,16 @@ class ColumnMapping:
                              text=repr(text)[:10000])
         if not text.strip():
             return self.drop(source, position, "empty_text", "text is empty", raw_id, url)
-        doc_id = str(raw_id) if raw_id is not None else content_id(text, url)
+        if (clean := _clean(text)) != text:
+            return self.drop(source, position, "invalid_utf8", "text holds unpaired surrogate escapes",
+                             raw_id, url, text=clean)
+        doc_id = raw_id if raw_id is not None else content_id(text, url)
         return {"id": doc_id, "url": url, "source": source, "source_row": position, "text": text}
 
     @staticmethod
     def drop(source: str, position: int, reason: str, detail: str, raw_id: Any = None,
              url: str | None = None, text: str | None = None) -> dict[str, Any]:
-        doc_id = str(raw_id) if raw_id is not None else f"{source}#{position}"
+        doc_id = _clean(str(raw_id)) if raw_id is not None else f"{source}#{position}"
         return {"id": doc_id, "url": url, "source": source, "source_row": position, "reason": reason,
                 "detail": f"{source}, row {position}: {detail}", "text": text}
 
@@ -109,11 +124,20 @@ class ReadStats:
             self.rows_ok += 1
 
 
-def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping,
-              rows_per_block: int) -> Iterator[tuple[list[dict], list[dict], ReadStats]]:
+# Errors that make the rest of a file unreadable: truncated or corrupt compression,
+# a file that is not Parquet, a missing text column, I/O that failed every retry.
+FILE_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+
+
+def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows_per_block: int,
+              on_bad_file: str = "fail") -> Iterator[tuple[list[dict], list[dict], ReadStats]]:
     """Yield ``(docs, drops, stats)`` chunks of at most ``rows_per_block`` rows.
 
     ``stats`` is the running per-file tally; the last chunk carries the final one.
+    When the file cannot be read to its end, ``on_bad_file="fail"`` raises
+    :class:`InputError` naming it; ``"skip"`` keeps the rows read so far and records the
+    unreadable rest as one dropped row (reason ``unreadable_file``, or ``wrong_schema``
+    when the text column is missing; numbered after the last row read), so the failure is counted and visible in ``dropped/``.
     """
     from bft.readers.jsonl import iter_jsonl_records
     from bft.readers.parquet import iter_parquet_records
@@ -131,20 +155,36 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping,
     docs: list[dict] = []
     drops: list[dict] = []
     saw_text_column = False
-    for position, record in records:
-        if "reason" in record:  # the format reader already rejected it (e.g. bad JSON)
-            row = record
-        else:
-            row = mapping.to_doc(record, uri, position)
-            saw_text_column = saw_text_column or row.get("reason") != "missing_text"
+    position = 0
+    try:
+        for position, record in records:
+            if "reason" in record:  # the format reader already rejected it (e.g. bad JSON)
+                row = record
+            else:
+                row = mapping.to_doc(record, uri, position)
+                saw_text_column = saw_text_column or row.get("reason") != "missing_text"
+            stats.count(row)
+            (drops if "reason" in row else docs).append(row)
+            if len(docs) + len(drops) >= rows_per_block:
+                yield docs, drops, stats
+                docs, drops = [], []
+        objects = stats.rows_seen - sum(stats.drop_reasons.get(r, 0)
+                                        for r in ("malformed_json", "not_an_object", "invalid_utf8"))
+        if objects > 0 and not saw_text_column and on_bad_file == "fail":
+            raise InputError(
+                f"{uri}: no record has the text column '{mapping.text}'; "
+                f"set input.text_column to the field that holds the document text")
+    except FILE_ERRORS as exc:
+        where = f"after row {position}" if position else "before its first row"
+        cause = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        cause = cause.removeprefix(f"{uri}: ")
+        if on_bad_file == "fail":
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"{uri}: unreadable {where}: {cause} (input.on_bad_file=fail; "
+                             f"'skip' records the file in dropped/ and goes on)") from exc
+        reason = "wrong_schema" if isinstance(exc, InputError) else "unreadable_file"
+        row = ColumnMapping.drop(uri, position + 1, reason, f"file unreadable {where}: {cause}")
         stats.count(row)
-        (drops if "reason" in row else docs).append(row)
-        if len(docs) + len(drops) >= rows_per_block:
-            yield docs, drops, stats
-            docs, drops = [], []
-    objects = stats.rows_seen - stats.drop_reasons.get("malformed_json", 0) - stats.drop_reasons.get("not_an_object", 0)
-    if objects > 0 and not saw_text_column:
-        raise InputError(
-            f"{uri}: no record has the text column '{mapping.text}'; "
-            f"set input.text_column to the field that holds the document text")
+        drops.append(row)
     yield docs, drops, stats

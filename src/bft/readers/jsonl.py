@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from typing import Any, Iterator
 
@@ -12,18 +11,28 @@ from bft.storage import Storage
 
 
 def iter_jsonl_records(storage: Storage, uri: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, record)``; unparseable lines come as drop records."""
+    """Yield ``(line_number, record)``; unusable lines come as drop records.
+
+    Lines are split as bytes and decoded one by one, so a bad byte costs its line
+    (dropped as ``invalid_utf8``, text kept with replacement characters), not the file.
+    """
     with storage.open(uri, "rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if uri.lower().endswith(".gz") else raw
-        # Decode leniently: a bad byte should cost one line, not the file.
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="\n")
-        for number, line in enumerate(text, start=1):
-            if not line.strip():
+        for number, data in enumerate(stream, start=1):
+            if not data.strip():
+                continue
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, ColumnMapping.drop(
+                    uri, number, "invalid_utf8", f"not UTF-8 (byte {exc.start}: {exc.reason})",
+                    text=data.decode("utf-8", "replace").rstrip("\n"))
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, ColumnMapping.drop(uri, number, "malformed_json", f"invalid JSON ({exc.msg})",
+            except (json.JSONDecodeError, RecursionError) as exc:
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                yield number, ColumnMapping.drop(uri, number, "malformed_json", f"invalid JSON ({msg})",
                                                  text=line.rstrip("\n"))
                 continue
             if not isinstance(record, dict):

@@ -67,7 +67,8 @@ def finish_batch(batch: pa.Table, step: ModuleType, ctx: RunContext) -> pa.Table
 def apply_llm_step(ds: Any, step: ModuleType, ctx: RunContext) -> Any:
     light = ctx.config.ray.light_task_cpus
     stage = getattr(ctx.config, step.NAME)
-    processor = build_engine_processor(stage, partial(build_request, step=step, ctx=ctx), light)
+    processor = build_engine_processor(stage, partial(build_request, step=step, ctx=ctx), light,
+                                       ctx.config.ray.engine_batch_retries)
     ds = processor(ds)
     return ds.map_batches(partial(finish_batch, step=step, ctx=ctx), batch_format="pyarrow",
                           batch_size=stage.batch_size, num_cpus=light)

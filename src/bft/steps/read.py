@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bft.context import RunContext
 from bft.readers import ColumnMapping, read_file
@@ -22,11 +23,21 @@ def stats_uri(run_uri: str, source: str) -> str:
     return join(run_uri, STATS_DIR, hashlib.sha1(source.encode()).hexdigest()[:20] + ".json")
 
 
+def _unfinished(rows: list[dict], stage: str, ctx: RunContext) -> list[dict]:
+    """Rows an earlier attempt of this run has not finished at ``stage`` (all, on a first attempt)."""
+    finished = ctx.finished_rows()
+    if not rows or finished is None or not finished.count(stage):
+        return rows
+    done = finished.mask(stage, [r["source"] for r in rows], [r["source_row"] for r in rows])
+    return [row for row, skip in zip(rows, done) if not skip]
+
+
 def read_files(batch: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
     """``batch`` holds file URIs in column ``path``; yields document blocks.
 
     Unusable rows go to ``dropped/`` (stage ``read``); per-file counts go to
-    ``_stats/read/`` so the manifest can check that every row is accounted for.
+    ``_stats/read/`` so the manifest can check that every row is accounted for. When
+    resuming, rows an earlier attempt already finished are counted but not passed on.
     """
     cfg = ctx.config.input
     mapping = ColumnMapping.from_config(cfg)
@@ -34,10 +45,32 @@ def read_files(batch: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
     for uri in batch.column("path").to_pylist():
         started = time.time()
         stats = None
-        for docs, drops, stats in read_file(ctx.storage, uri, cfg.format, mapping, cfg.rows_per_block):
-            writer.write("read", [], drops, started)
-            if docs:
-                yield to_table(docs, DOC_COLUMNS)
+        skipped = 0
+        for docs, drops, stats in read_file(ctx.storage, uri, cfg.format, mapping, cfg.rows_per_block,
+                                            cfg.on_bad_file):
+            new_drops, new_docs = _unfinished(drops, "read", ctx), _unfinished(docs, "filter", ctx)
+            skipped += len(docs) + len(drops) - len(new_docs) - len(new_drops)
+            writer.write("read", [], new_drops, started)
+            if new_docs:
+                yield to_table(new_docs, DOC_COLUMNS)
         if stats is not None:
-            record = {**asdict(stats), "started_at": started, "finished_at": time.time()}
+            record = {**asdict(stats), "rows_already_done": skipped,
+                      "started_at": started, "finished_at": time.time()}
             ctx.storage.write_bytes(stats_uri(ctx.run_uri, uri), json.dumps(record).encode())
+
+
+def read_stage_outputs(batch: pa.Table, ctx: RunContext, stage: str, columns: list[str]) -> Iterator[pa.Table]:
+    """Stream rows of an earlier stage's Parquet (column ``path``) back in, to enter the
+    pipeline at ``stage`` (``--from-stage``, or resume); rows ``stage`` already finished
+    in an earlier attempt are left out."""
+    finished = ctx.finished_rows()
+    for uri in batch.column("path").to_pylist():
+        with ctx.storage.open(uri, "rb") as fh:
+            for record_batch in pq.ParquetFile(fh).iter_batches(columns=columns):
+                table = pa.Table.from_batches([record_batch])
+                if finished is not None and finished.count(stage):
+                    done = finished.mask(stage, table.column("source").to_pylist(),
+                                         table.column("source_row").to_pylist())
+                    table = table.filter(pa.array(~done))
+                if table.num_rows:
+                    yield table

@@ -22,7 +22,8 @@ def build_sft(batch: pa.Table, ctx: RunContext) -> pa.Table:
     rows = [
         {
             "messages": to_messages(cfg.output.system_prompt, row["instruction"], row["response"]),
-            "id": row["id"], "url": row["url"], "source": row["source"], "score": row["score"],
+            "id": row["id"], "url": row["url"], "source": row["source"],
+            "source_row": row["source_row"], "score": row["score"],
             "generate_model": cfg.generate.model, "curate_model": cfg.curate.model,
             "rewrite_model": cfg.rewrite.model,
             **{f"{name}_prompt_sha256": ctx.templates[name].sha256 for name in ("generate", "curate", "rewrite")},

@@ -46,6 +46,7 @@ class _StageTally:
         self.started: float | None = None
         self.finished: float | None = None
         self.files = 0
+        self.reread = 0  # rows read again on resume that an earlier attempt had finished
 
     def span(self, started: float | None, finished: float | None) -> None:
         if started is not None:
@@ -76,9 +77,12 @@ def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
 
     read = tallies["read"]
     for uri in storage.list_files(join(run_uri, STATS_DIR)):
+        if not uri.endswith(".json"):
+            continue  # a temporary file a killed run left behind
         stats = json.loads(storage.read_bytes(uri))
         read.rows_in = (read.rows_in or 0) + stats["rows_seen"]
         read.out += stats["rows_ok"]
+        read.reread += stats.get("rows_already_done", 0)
         read.files += 1
         read.span(stats.get("started_at"), stats.get("finished_at"))
 
@@ -146,12 +150,23 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
 
 def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[str, Any],
                    started_at: float, extra: dict[str, Any] | None = None,
-                   start_stage: str = "read", first_stage_input: int | None = None) -> dict[str, Any]:
+                   start_stage: str = "read", first_stage_input: int | None = None,
+                   input_files: int | None = None) -> dict[str, Any]:
+    """``input_files``: how many input files the run covers (each must have left a read
+    record; a file whose read task failed would otherwise vanish from every count)."""
     tallies = tally_run(storage, run_uri)
     counts, problems = stage_counts(tallies, start_stage, first_stage_input)
+    if input_files is not None and tallies["read"].files != input_files:
+        problems.append(f"read: {tallies['read'].files} of {input_files} input files were read to the end")
     dropped_total: Counter[str] = Counter()
     for entry in counts.values():
         dropped_total.update(entry["dropped_by_reason"])
+    first = counts[start_stage]["in"] if counts else 0
+    final = counts.get("sft", {}).get("out", 0)
+    invariant = {"input_rows": first, "final_rows": final, "dropped_rows": sum(dropped_total.values()),
+                 "holds": first == final + sum(dropped_total.values())}
+    if not invariant["holds"]:
+        problems.append(f"run: {first} input rows != {final} final + {invariant['dropped_rows']} dropped")
     finished_at = time.time()
     return {
         "run_id": run_id,
@@ -161,7 +176,9 @@ def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[
         "wall_s": round(finished_at - started_at, 3),
         "stages": counts,
         "dropped_by_reason": dict(sorted(dropped_total.items())),
-        "final_rows": counts.get("sft", {}).get("out", 0),
+        "final_rows": final,
+        "invariant": invariant,
+        "rows_read_again": tallies["read"].reread,
         "reconciled": not problems,
         "reconciliation_problems": problems,
         "config": config,

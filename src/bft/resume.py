@@ -1,0 +1,195 @@
+"""Resume: what earlier attempts of a run already wrote, and what is left to do.
+
+Every row is identified by where it came from, ``<source file>#<row number>`` (ids are
+not unique across a crawl: the same page appears in several shards). A stage has
+*finished* a row once the row is in one of its durable outputs: its own directory
+(kept) or ``dropped/<stage>-*`` (dropped). Stage files appear whole or not at all (see
+``Storage.write_bytes``), so "in a file" means "done".
+
+Re-running a run id therefore needs no log and no checkpoint of its own:
+
+- an input file is read again unless every row of it is finished by ``read`` (dropped
+  there) or ``filter``; rows already finished are skipped as they are read;
+- rows kept by stage S but not finished by the stage after it enter the pipeline right
+  there, read back from S's Parquet;
+- nothing finished is processed again, so nothing is written twice.
+
+Keys are held as sorted 64-bit hashes (8 bytes per row and stage, shared read-only
+through Ray's object store); a false "already done" needs a hash collision, about one
+chance in 10^7 at 10^6 rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from bft.config import LLM_STAGES, BftConfig
+from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS
+from bft.steps.read import STATS_DIR
+from bft.storage import Storage, join
+from bft.writers.parquet import DROPPED_DIR
+
+RUN_RECORD = "_run/config.json"
+# Fields that change how a run is scheduled, not what it produces: they may differ
+# between attempts of one run (e.g. resume on a bigger cluster).
+SCHEDULING_FIELDS = {"ray", "storage", "input.rows_per_block", "filters.dedup_shards",
+                     *(f"{stage}.{name}" for stage in LLM_STAGES
+                       for name in ("replicas", "batch_size", "max_concurrent_batches", "resources", "env_vars"))}
+_EMPTY = np.zeros(0, dtype=np.uint64)
+
+
+def row_key(source: str, source_row: int) -> str:
+    return f"{source}#{source_row}"
+
+
+def hash_keys(keys: Iterable[str]) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little") for k in keys], dtype=np.uint64)
+
+
+def rows_hashes(sources: list[str], rows: list[int]) -> np.ndarray:
+    return hash_keys(row_key(s, r) for s, r in zip(sources, rows))
+
+
+def contains(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of ``hashes`` are in ``sorted_hashes``."""
+    if not len(sorted_hashes) or not len(hashes):
+        return np.zeros(len(hashes), dtype=bool)
+    idx = np.searchsorted(sorted_hashes, hashes).clip(max=len(sorted_hashes) - 1)
+    return sorted_hashes[idx] == hashes
+
+
+@dataclass
+class FinishedRows:
+    """Per stage, the (hashed) keys of rows that stage has finished. Picklable."""
+
+    by_stage: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def mask(self, stage: str, sources: list[str], rows: list[int]) -> np.ndarray:
+        return contains(self.by_stage.get(stage, _EMPTY), rows_hashes(sources, rows))
+
+    def count(self, stage: str) -> int:
+        return len(self.by_stage.get(stage, _EMPTY))
+
+
+@dataclass
+class RunState:
+    """The durable state of a run folder, as far as resuming needs it."""
+
+    finished: FinishedRows
+    # Kept-output files of each stage, with the row-key hashes each holds.
+    kept_files: dict[str, dict[str, np.ndarray]]
+    # Rows of each input file finished by read (dropped) or filter (kept or dropped).
+    finished_per_source: Counter
+    # Rows seen in each input file whose read completed.
+    rows_seen: dict[str, int]
+
+    def input_done(self, source: str) -> bool:
+        """True when every row of ``source`` is finished by read or filter."""
+        return source in self.rows_seen and self.finished_per_source[source] >= self.rows_seen[source]
+
+    def entry_files(self, stage: str) -> list[str]:
+        """Files of the stage before ``stage`` holding rows ``stage`` has not finished."""
+        done = self.finished.by_stage.get(stage, _EMPTY)
+        return [uri for uri, hashes in self.kept_files.get(PREVIOUS_STAGE[stage], {}).items()
+                if not contains(done, hashes).all()]
+
+    def pending(self, stage: str) -> int:
+        done = self.finished.by_stage.get(stage, _EMPTY)
+        return int(sum((~contains(done, hashes)).sum()
+                       for hashes in self.kept_files.get(PREVIOUS_STAGE[stage], {}).values()))
+
+
+def _parquet_files(storage: Storage, uri: str) -> list[str]:
+    return [f for f in storage.list_files(uri) if f.endswith(".parquet")]
+
+
+def _read_columns(storage: Storage, uri: str, columns: list[str]) -> dict[str, list[Any]]:
+    with storage.open(uri, "rb") as fh:
+        table = pq.ParquetFile(fh).read(columns=columns)
+    return {name: table.column(name).to_pylist() for name in columns}
+
+
+def scan_run(storage: Storage, run_uri: str) -> RunState:
+    """Read the keys of everything a run folder holds (two small columns per file)."""
+    finished: dict[str, list[np.ndarray]] = {stage: [] for stage in PIPELINE_ORDER}
+    kept_files: dict[str, dict[str, np.ndarray]] = {}
+    per_source: Counter = Counter()
+
+    for stage, folder in STAGE_DIRS.items():
+        kept_files[stage] = {}
+        for uri in _parquet_files(storage, join(run_uri, folder)):
+            cols = _read_columns(storage, uri, ["source", "source_row"])
+            hashes = rows_hashes(cols["source"], cols["source_row"])
+            kept_files[stage][uri] = hashes
+            finished[stage].append(hashes)
+            if stage == "filter":
+                per_source.update(cols["source"])
+
+    for uri in _parquet_files(storage, join(run_uri, DROPPED_DIR)):
+        cols = _read_columns(storage, uri, ["stage", "source", "source_row"])
+        stage = cols["stage"][0] if cols["stage"] else None
+        if stage not in finished:
+            continue
+        finished[stage].append(rows_hashes(cols["source"], cols["source_row"]))
+        if stage in ("read", "filter"):
+            per_source.update(cols["source"])
+
+    rows_seen = {}
+    for uri in storage.list_files(join(run_uri, STATS_DIR)):
+        if not uri.endswith(".json"):
+            continue  # a temporary file a killed run left behind
+        stats = json.loads(storage.read_bytes(uri))
+        rows_seen[stats["source"]] = stats["rows_seen"]
+
+    by_stage = {stage: np.unique(np.concatenate(parts)) if parts else _EMPTY
+                for stage, parts in finished.items()}
+    return RunState(FinishedRows(by_stage), kept_files, per_source, rows_seen)
+
+
+# --- the run record: one config per run id ---------------------------------------------
+
+def _content_fields(snapshot: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a config snapshot to dotted fields, leaving out scheduling fields."""
+    flat: dict[str, Any] = {}
+    for key, value in snapshot.items():
+        dotted = f"{prefix}{key}"
+        if dotted in SCHEDULING_FIELDS:
+            continue
+        if isinstance(value, dict) and value and dotted not in ("generate.engine_kwargs", "curate.engine_kwargs",
+                                                                "rewrite.engine_kwargs"):
+            flat.update(_content_fields(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def write_run_record(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str]) -> None:
+    record = {"config": cfg.redacted(), "prompt_sha256": prompt_sha256}
+    storage.write_bytes(join(run_uri, RUN_RECORD), json.dumps(record, indent=2).encode())
+
+
+def check_same_run(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str]) -> None:
+    """A run id is resumed only with the config it started with (scheduling fields
+    aside): mixing outputs of two configs in one dataset would be silent corruption."""
+    uri = join(run_uri, RUN_RECORD)
+    if not storage.exists(uri):
+        raise ValueError(f"{run_uri} holds files but no {RUN_RECORD}: it is not a bft run "
+                         f"(or predates resume); pick another --run-id")
+    record = json.loads(storage.read_bytes(uri))
+    before = {**_content_fields(record["config"]),
+              **{f"prompt template of {k}": v for k, v in record.get("prompt_sha256", {}).items()}}
+    now = {**_content_fields(cfg.redacted()),
+           **{f"prompt template of {k}": v for k, v in prompt_sha256.items()}}
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise ValueError(f"cannot resume {run_uri}: it was started with a different config ({shown}). "
+                         f"Re-run with the original config, or use a new --run-id")
