@@ -191,3 +191,21 @@ def test_read_drops_can_be_written_as_parquet(tmp_path):
     written = sum(pq.read_table(f).num_rows for f in (tmp_path / "run" / "dropped").glob("*.parquet"))
     expected = sum(len(read_skip(p)[1]) for p in corpus.files)
     assert written == expected > 0
+
+
+def test_preflight_looks_past_a_damaged_first_file_only_when_skipping(tmp_path, minimal_config_data):
+    import yaml
+
+    from bft.config import load_config
+    from bft.pipeline import preflight
+
+    bad = tmp_path / "a-bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    good = write_jsonl(tmp_path / "b-good.jsonl", [{"text": TEXT}])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal_config_data))
+    preflight(load_config(str(path)), STORAGE, [str(bad), str(good)])  # skip (default): b is fine
+    with pytest.raises(InputError, match=r"a-bad\.parquet: unreadable before its first row"):
+        preflight(load_config(str(path), ["input.on_bad_file=fail"]), STORAGE, [str(bad), str(good)])
+    with pytest.raises(InputError, match="none of the first 2 input files is readable"):
+        preflight(load_config(str(path)), STORAGE, [str(bad), str(bad)])

@@ -18,6 +18,11 @@ def _summary(manifest: dict[str, Any]) -> str:
                      f"{entry['wall_s']:>9.1f}  {reasons}")
     status = "yes" if manifest["reconciled"] else "NO: " + "; ".join(manifest["reconciliation_problems"])
     lines.append(f"counts reconcile: {status}")
+    if resume := manifest.get("resume"):
+        joining = ", ".join(f"{stage} {n}" for stage, n in resume["rows_entering_at"].items() if n)
+        lines.append(f"resumed: {resume['input_files_read_again']} input file(s) read again "
+                     f"({manifest.get('rows_read_again', 0)} rows in them already done); "
+                     f"rows picked up at {joining or 'no stage'}")
     return "\n".join(lines)
 
 

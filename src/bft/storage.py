@@ -108,16 +108,19 @@ class Storage:
         """All files below ``uri`` (recursively), sorted; empty when nothing is there."""
         fs = self.fs(uri)
         path = self._path(uri)
-        if not fs.exists(path):
-            bucket = path.split("/", 1)[0]
-            if is_remote(uri) and not fs.exists(bucket):
-                raise StorageError(f"{uri}: bucket '{bucket}' does not exist or these credentials "
-                                   f"cannot see it")
-            return []
-        if not fs.isdir(path):
-            return [uri]
-        fs.invalidate_cache(path)
-        return sorted(self._uri(uri, p) for p in fs.find(path))
+        try:
+            if not fs.exists(path):
+                bucket = path.split("/", 1)[0]
+                if is_remote(uri) and not fs.exists(bucket):
+                    raise StorageError(f"{uri}: bucket '{bucket}' does not exist or these credentials "
+                                       f"cannot see it")
+                return []
+            if not fs.isdir(path):
+                return [uri]
+            fs.invalidate_cache(path)
+            return sorted(self._uri(uri, p) for p in fs.find(path))
+        except (PermissionError, ConnectionError) as exc:  # retries are spent by now
+            raise StorageError(f"{uri}: cannot list it: {_cause(exc)}") from None
 
     def read_bytes(self, uri: str) -> bytes:
         with self.open(uri, "rb") as fh:

@@ -4,6 +4,7 @@ that runs the real ``bft`` command in a subprocess (its own Ray instance and eng
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,3 +95,15 @@ def run_bft(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -
 def engine_settings(tiny_model: Path) -> list[str]:
     """Flags that run every stage on the test's tiny model (the quickstart's engine settings stay)."""
     return ["--set", f"model={tiny_model}"]
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``: Ray workers and vLLM engine processes
+    sit in process groups of their own, so killing the driver's group is not enough."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue

@@ -14,17 +14,27 @@ from urllib.parse import urlsplit
 _ERRORS = {
     "throttle": (503, "SlowDown", "Please reduce your request rate."),
     "server_error": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "denied": (403, "AccessDenied", "Access Denied"),
 }
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients that hang up mid-answer (after a dropped connection) are expected
+
+
 class S3FaultProxy:
-    def __init__(self, upstream: str, fault_rate: float = 0.15, seed: int = 7):
+    """``fault_rate``: share of requests failed at random (seeded); ``deny``: a path
+    prefix (``/bucket/key-prefix``) every request to which gets 403 AccessDenied."""
+
+    def __init__(self, upstream: str, fault_rate: float = 0.15, seed: int = 7, deny: str | None = None):
         self.upstream = urlsplit(upstream)
+        self.deny = deny
         self.fault_rate = fault_rate
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -40,14 +50,23 @@ class S3FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _pick(self) -> str:
+    def _pick(self, path: str) -> str:
         with self.lock:
             self.counts["requests"] += 1
+            # ListObjects names its prefix in the query string, other calls in the path.
+            if self.deny and (path.startswith(self.deny) or self._lists_denied(path)):
+                self.counts["denied"] += 1
+                return "denied"
             if self.random.random() >= self.fault_rate:
                 return "forward"
             fault = self.random.choice(["throttle", "server_error", "drop"])
             self.counts[fault] += 1
             return fault
+
+    def _lists_denied(self, path: str) -> bool:
+        bucket, _, rest = self.deny.lstrip("/").partition("/")
+        parts = urlsplit(path)
+        return parts.path.rstrip("/") == f"/{bucket}" and f"prefix={rest}" in parts.query.replace("%2F", "/")
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -64,7 +83,7 @@ class S3FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                action = proxy._pick()
+                action = proxy._pick(self.path)
                 if action == "drop":
                     self.close_connection = True
                     self.connection.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, engine_settings
+from .conftest import ROOT, engine_settings, kill_session
 
 RAY = str(Path(sys.executable).with_name("ray"))
 EXCLUDES = '{"excludes": [".venv", ".cache", "out", ".git"], "py_modules": ["src/bft"]}'
@@ -66,7 +66,8 @@ def ray_head():
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        pass
+    kill_session(head.pid)  # whatever outlived the head (workers, vLLM engine processes)
     log.close()
 
 
