@@ -168,3 +168,13 @@ def test_date_template_fills_uris():
     assert load_config(None, MODEL_SET + ["date=2026-11-20"]).date is None  # nothing dated
     with pytest.raises(ConfigError, match="date must be YYYY-MM-DD"):
         load_config(None, MODEL_SET + ["input.uri=x/{date}", "date=2026-13-01"])
+
+
+def test_set_on_one_stage_leaves_anchored_siblings_alone(tmp_path, tiny_model):
+    """The quickstart shares engine settings between stages with YAML anchors."""
+    from bft.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"),
+                      [f"model={tiny_model}", "generate.engine_kwargs.max_num_seqs=1"])
+    assert cfg.generate.engine_kwargs["max_num_seqs"] == 1
+    assert cfg.curate.engine_kwargs["max_num_seqs"] == cfg.rewrite.engine_kwargs["max_num_seqs"] == 64

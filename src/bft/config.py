@@ -465,6 +465,17 @@ def read_config_text(path: str, storage: StorageConfig | None = None) -> str:
     return file.read_text("utf-8")
 
 
+def _unshared(node: Any) -> Any:
+    """A copy in which no two places share a dict or list. YAML anchors (``&engine`` /
+    ``*engine`` in the quickstart) load as one shared object, and ``--set`` on one stage
+    must not change the others."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> BftConfig:
     """Load and validate a config file (local or ``s3://``) plus ``--set`` overrides."""
     source = path or "(defaults)"
@@ -478,7 +489,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> BftConf
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
+        data = _unshared(loaded)
         config_dir = Path(path).parent if "://" not in path else None
     else:
         config_dir = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -226,6 +227,10 @@ def init_ray(cfg: BftConfig) -> None:
         kwargs["address"] = cfg.ray.address
     elif cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
+    # For a Ray instance started here: when an engine replica's process dies, the raylet
+    # also kills the vLLM engine-core process it started, instead of leaving an orphan that
+    # holds memory (a GPU's, on a GPU node). Clusters get this from deploy/Dockerfile.
+    os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "true")
     ray.init(**kwargs)
 
 

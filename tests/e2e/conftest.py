@@ -97,13 +97,32 @@ def engine_settings(tiny_model: Path) -> list[str]:
     return ["--set", f"model={tiny_model}"]
 
 
+def _proc_stats() -> list[tuple[int, list[str]]]:
+    """``(pid, fields after "pid (comm)")`` of every process: state, ppid, pgrp, session, ..."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            out.append((int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def children_of(pid: int) -> list[int]:
+    return [child for child, fields in _proc_stats() if int(fields[1]) == pid]
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    return any(p == pid and fields[0] not in "ZX" for p, fields in _proc_stats())
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL every process of session ``sid``: Ray workers and vLLM engine processes
     sit in process groups of their own, so killing the driver's group is not enough."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            continue
+    for pid, fields in _proc_stats():
+        if int(fields[3]) == sid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -28,7 +28,7 @@ import yaml
 
 from hostile import write_hostile_corpus
 
-from .conftest import ROOT, S3_KEY_ID, S3_SECRET, engine_settings, kill_session, run_bft
+from .conftest import ROOT, S3_KEY_ID, S3_SECRET, children_of, engine_settings, is_running, kill_session, run_bft
 from .s3_fault_proxy import S3FaultProxy
 
 BUCKET = "bft-faults"
@@ -118,6 +118,7 @@ class Outcome:
             assert entry["in"] == entry["out"] + entry["dropped"], stage
 
     def same_result_as(self, other: Outcome) -> None:
+        assert sorted(r["id"] for r in self.final) == sorted(r["id"] for r in other.final)
         assert sorted(self.final_keys) == sorted(other.final_keys)
         assert sorted(self.drop_records) == sorted(other.drop_records)
 
@@ -236,6 +237,7 @@ def chaos_run(corpus, config_file, s3_server, tiny_model, tmp_path_factory):
     env = {**os.environ, **s3_env(s3_server)}
     env.pop("RAY_ADDRESS", None)
     killed: list[int] = []
+    engine_children: list[int] = []  # vLLM's engine-core process(es) of the killed replica
     lines: list[str] = []
     with S3FaultProxy(s3_server.endpoint, fault_rate=0.1, seed=11) as proxy:
         env["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
@@ -252,6 +254,7 @@ def chaos_run(corpus, config_file, s3_server, tiny_model, tmp_path_factory):
                 match = BUSY_ENGINE.search(line)
                 if match and not killed:
                     pid = int(match.group(1))
+                    engine_children.extend(children_of(pid))
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
 
@@ -259,17 +262,20 @@ def chaos_run(corpus, config_file, s3_server, tiny_model, tmp_path_factory):
         watcher.start()
         proc.wait(timeout=900)
         watcher.join(timeout=10)
+        orphans = [pid for pid in engine_children if is_running(pid)]
         kill_session(proc.pid)  # nothing of this run may outlive it
         counts = dict(proxy.counts)
     output = "".join(lines)
     (tmp_path_factory.getbasetemp() / "chaos-run.log").write_text(output)
     assert proc.returncode == 0, output[-5000:]
-    return Outcome(fs, "chaos"), killed, counts, output
+    return Outcome(fs, "chaos"), (killed, engine_children, orphans), counts, output
 
 
 def test_engine_actor_killed_mid_run_is_replaced(chaos_run, baseline, capsys):
-    outcome, killed, _, output = chaos_run
+    outcome, (killed, engine_children, orphans), _, output = chaos_run
     assert killed, "no engine was seen working, so none was killed"
+    # its vLLM engine-core process did not outlive it (it would hold a GPU's memory)
+    assert engine_children and not orphans
     with pytest.raises(ProcessLookupError):
         os.kill(killed[0], 0)
     # Ray saw the actor die with work in hand (then restarted it and retried the batch)

@@ -64,7 +64,7 @@ def ray_head():
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
     kill_session(head.pid)  # whatever outlived the head (workers, vLLM engine processes)
