@@ -50,10 +50,11 @@ def test_finished_rows_per_stage(run):
 
 def test_rows_join_where_they_stopped(run):
     state = scan_run(STORAGE, run)
-    assert state.pending("generate") == 2  # rows 3 and 4
-    assert len(state.entry_files("generate")) == 1  # only the filter file holding them
-    assert state.pending("curate") == 1  # row 1 was generated, not curated
-    assert state.pending("rewrite") == state.pending("sft") == 0
+    pending = {stage: sum(state.unfinished(stage).values()) for stage in ("generate", "curate", "rewrite", "sft")}
+    assert pending["generate"] == 2  # rows 3 and 4
+    assert len(state.unfinished("generate")) == 1  # only the filter file holding them
+    assert pending["curate"] == 1  # row 1 was generated, not curated
+    assert pending["rewrite"] == pending["sft"] == 0
 
 
 def test_input_file_done_only_when_every_row_is_accounted_for(run, tmp_path):
@@ -103,10 +104,10 @@ def test_rows_of_failed_batches_are_dropped_not_lost(run, tmp_path, minimal_conf
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal_config_data))
-    sweep_failed_batches(STORAGE, run, load_config(str(path)))
+    assert sweep_failed_batches(STORAGE, run, load_config(str(path))) == 3
     dropped = pq.read_table(f"{run}/dropped").to_pylist()
     failed = sorted((r["stage"], r["source_row"]) for r in dropped if r["reason"] == "batch_failed")
     assert failed == [("curate", 1), ("generate", 3), ("generate", 4)]
     assert all("failed at" in r["detail"] and r["text"] for r in dropped if r["reason"] == "batch_failed")
     state = scan_run(STORAGE, run)
-    assert all(state.pending(stage) == 0 for stage in ("generate", "curate", "rewrite", "sft"))
+    assert all(not state.unfinished(stage) for stage in ("generate", "curate", "rewrite", "sft"))

@@ -37,3 +37,13 @@ def test_storage_pickles_without_a_live_client():
     storage = Storage(StorageConfig(endpoint_url="http://127.0.0.1:1"))
     storage.fs("s3://bucket/key")  # creates the client
     assert pickle.loads(pickle.dumps(storage)).config.endpoint_url == "http://127.0.0.1:1"
+
+
+def test_listing_leaves_out_half_written_files(tmp_path):
+    from bft.config import StorageConfig
+    from bft.storage import Storage
+
+    storage = Storage(StorageConfig())
+    storage.write_bytes(str(tmp_path / "a.json"), b"{}")
+    (tmp_path / "b.json.tmp-0123abcd").write_bytes(b"{hal")  # what a killed writer leaves
+    assert storage.list_files(str(tmp_path)) == [str(tmp_path / "a.json")]

@@ -34,7 +34,7 @@ from bft.steps.read import read_files, read_stage_outputs
 from bft.steps.sft import build_sft
 from bft.storage import Storage, detect_format, join
 from bft.writers.manifest import build_manifest, write_manifest
-from bft.writers.parquet import DROPPED_DIR, StageWriter
+from bft.writers.parquet import DROPPED_DIR, StageWriter, parquet_files
 
 log = logging.getLogger("bft")
 
@@ -131,7 +131,7 @@ def preflight(cfg: BftConfig, storage: Storage, files: list[str], tries: int = 3
 def stage_inputs(storage: Storage, source_run_uri: str, from_stage: str) -> tuple[list[str], int]:
     """Parquet files (and their row count) of the stage before ``from_stage``."""
     folder = join(source_run_uri, STAGE_DIRS[PREVIOUS_STAGE[from_stage]])
-    files = [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+    files = parquet_files(storage, folder)
     if not files:
         raise InputError(f"{folder}: no Parquet files to restart '{from_stage}' from")
     rows = 0
@@ -192,11 +192,12 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
     state = scan_run(storage, run_uri)
     to_read = [f for f in inputs if not state.input_done(f)]
     joining = PIPELINE_ORDER[PIPELINE_ORDER.index("filter") + 1:]  # stages rows can join at
-    entries = {stage: state.entry_files(stage) for stage in joining}
+    unfinished = {stage: state.unfinished(stage) for stage in joining}
+    entries = {stage: list(files) for stage, files in unfinished.items()}
     resume = {
         "finished_before": {stage: state.finished.count(stage) for stage in PIPELINE_ORDER},
         "input_files_read_again": len(to_read),
-        "rows_entering_at": {stage: state.pending(stage) for stage in joining},
+        "rows_entering_at": {stage: sum(files.values()) for stage, files in unfinished.items()},
     }
     log.info("resuming %s: %d of %d input file(s) to read again; rows entering at %s", run_uri,
              len(to_read), len(inputs), ", ".join(f"{k} {v}" for k, v in resume["rows_entering_at"].items()))
@@ -213,8 +214,7 @@ def seed_dedup(dedup: Deduplicator, storage: Storage, run_uri: str, light_cpus: 
         with storage.open(uri, "rb") as fh:
             dedup.remember(pq.read_table(fh, columns=["id", "source", "source_row", "text"]).to_pylist())
 
-    files = [f for f in storage.list_files(join(run_uri, STAGE_DIRS["filter"])) if f.endswith(".parquet")]
-    ray.get([remember.remote(uri) for uri in files])
+    ray.get([remember.remote(uri) for uri in parquet_files(storage, join(run_uri, STAGE_DIRS["filter"]))])
 
 
 def init_ray(cfg: BftConfig) -> None:
@@ -256,22 +256,27 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         storage.write_bytes(started_marker(cfg), json.dumps({"date": cfg.date, "run_id": run_id}).encode())
     budgets = token_budgets(cfg, templates)  # loads every tokenizer: bad model paths fail here
 
+    def manifest_now() -> dict[str, Any]:
+        return build_manifest(
+            storage, run_uri, run_id=run_id, config=cfg.redacted(), started_at=started_at,
+            start_stage=plan.manifest_start, first_stage_input=plan.first_stage_input,
+            input_files=plan.inputs_total,
+            extra={"from_stage": from_stage, "from_run": from_run, "date": cfg.date, "resume": plan.resume,
+                   "models": {name: getattr(cfg, name).model for name in LLM_STAGES},
+                   "prompt_sha256": prompt_sha256})
+
     if plan.empty:
         log.info("run %s: nothing left to do; rebuilding its manifest", run_id)
+        manifest = manifest_now()
     else:
         log.info("run %s: %d input file(s) to read, stages %s -> %s", run_id, len(plan.input_files),
                  " -> ".join(plan.stages), run_uri)
         run_dataset(cfg, plan, storage, run_uri, templates, budgets)
-
-    manifest = build_manifest(
-        storage, run_uri, run_id=run_id, config=cfg.redacted(), started_at=started_at,
-        start_stage=plan.manifest_start, first_stage_input=plan.first_stage_input,
-        input_files=plan.inputs_total,
-        extra={"from_stage": from_stage, "from_run": from_run, "date": cfg.date, "resume": plan.resume,
-               "input_files": plan.inputs_total,
-               "models": {name: getattr(cfg, name).model for name in LLM_STAGES},
-               "prompt_sha256": prompt_sha256},
-    )
+        manifest = manifest_now()
+        # Counts that do not add up after a stream that ran to its end mean batches Ray
+        # Data gave up on; record their rows, then count again.
+        if not manifest["reconciled"] and sweep_failed_batches(storage, run_uri, cfg):
+            manifest = manifest_now()
     manifest_uri = write_manifest(storage, run_uri, manifest)
     if cfg.date is not None and manifest["reconciled"]:
         # Consumers read the date's final dataset through this marker, so a forced
@@ -289,7 +294,8 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
 
     init_ray(cfg)
     # Batches that fail every retry are skipped by Ray Data (up to this many per run)
-    # and their rows dropped by sweep_failed_batches, instead of failing a long run.
+    # and their rows dropped by sweep_failed_batches (see run_pipeline), instead of
+    # failing a long run.
     ray.data.DataContext.get_current().max_errored_blocks = cfg.ray.max_failed_batches
     light = cfg.ray.light_task_cpus
     dedup = None
@@ -338,19 +344,19 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
         # Stops the engines and Ray's forwarding of worker logs, so nothing is printed
         # after the summary (its last line, the manifest path, is for scripts to read).
         ray.shutdown()
-    sweep_failed_batches(storage, run_uri, cfg)
 
 
-def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> None:
-    """Drop (``batch_failed``) the rows of batches Ray Data gave up on.
+def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> int:
+    """Drop (``batch_failed``) the rows of batches Ray Data gave up on; returns how many.
 
     Called only after the stream ran to its end: a row kept by one stage and not
     finished by the next can then only belong to a batch that failed every retry."""
     writer = StageWriter(storage, run_uri)
     state = scan_run(storage, run_uri)
+    total = 0
     for stage in (*LLM_STAGES, "sft"):
         lost = []
-        for uri in state.entry_files(stage):
+        for uri in state.unfinished(stage):
             with storage.open(uri, "rb") as fh:
                 rows = pq.read_table(fh).to_pylist()
             done = state.finished.mask(stage, [r["source"] for r in rows], [r["source_row"] for r in rows])
@@ -362,4 +368,6 @@ def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> None
                       f"{cfg.ray.engine_batch_retries}); the cause is in the Ray logs of the run")
             writer.write(stage, [], [{**row, "reason": "batch_failed", "detail": detail} for row in lost],
                          time.time())
+            total += len(lost)
             state = scan_run(storage, run_uri)  # so the next stage does not count them as lost
+    return total

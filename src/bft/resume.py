@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bft.config import LLM_STAGES, BftConfig
-from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS
-from bft.steps.read import STATS_DIR
+from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS, row_key
+from bft.steps.read import read_stats
 from bft.storage import Storage, join
-from bft.writers.parquet import DROPPED_DIR
+from bft.writers.parquet import DROPPED_DIR, parquet_files
 
 RUN_RECORD = "_run/config.json"
 # Fields that change how a run is scheduled, not what it produces: they may differ
@@ -43,10 +43,6 @@ SCHEDULING_FIELDS = {"ray", "storage", "input.rows_per_block", "filters.dedup_sh
                      *(f"{stage}.{name}" for stage in LLM_STAGES
                        for name in ("replicas", "batch_size", "max_concurrent_batches", "resources", "env_vars"))}
 _EMPTY = np.zeros(0, dtype=np.uint64)
-
-
-def row_key(source: str, source_row: int) -> str:
-    return f"{source}#{source_row}"
 
 
 def hash_keys(keys: Iterable[str]) -> np.ndarray:
@@ -95,20 +91,13 @@ class RunState:
         """True when every row of ``source`` is finished by read or filter."""
         return source in self.rows_seen and self.finished_per_source[source] >= self.rows_seen[source]
 
-    def entry_files(self, stage: str) -> list[str]:
-        """Files of the stage before ``stage`` holding rows ``stage`` has not finished."""
+    def unfinished(self, stage: str) -> dict[str, int]:
+        """Files of the stage before ``stage`` holding rows ``stage`` has not finished,
+        with how many such rows each holds."""
         done = self.finished.by_stage.get(stage, _EMPTY)
-        return [uri for uri, hashes in self.kept_files.get(PREVIOUS_STAGE[stage], {}).items()
-                if not contains(done, hashes).all()]
-
-    def pending(self, stage: str) -> int:
-        done = self.finished.by_stage.get(stage, _EMPTY)
-        return int(sum((~contains(done, hashes)).sum()
-                       for hashes in self.kept_files.get(PREVIOUS_STAGE[stage], {}).values()))
-
-
-def _parquet_files(storage: Storage, uri: str) -> list[str]:
-    return [f for f in storage.list_files(uri) if f.endswith(".parquet")]
+        counts = {uri: int((~contains(done, hashes)).sum())
+                  for uri, hashes in self.kept_files.get(PREVIOUS_STAGE[stage], {}).items()}
+        return {uri: n for uri, n in counts.items() if n}
 
 
 def _read_columns(storage: Storage, uri: str, columns: list[str]) -> dict[str, list[Any]]:
@@ -125,7 +114,7 @@ def scan_run(storage: Storage, run_uri: str) -> RunState:
 
     for stage, folder in STAGE_DIRS.items():
         kept_files[stage] = {}
-        for uri in _parquet_files(storage, join(run_uri, folder)):
+        for uri in parquet_files(storage, join(run_uri, folder)):
             cols = _read_columns(storage, uri, ["source", "source_row"])
             hashes = rows_hashes(cols["source"], cols["source_row"])
             kept_files[stage][uri] = hashes
@@ -133,7 +122,7 @@ def scan_run(storage: Storage, run_uri: str) -> RunState:
             if stage == "filter":
                 per_source.update(cols["source"])
 
-    for uri in _parquet_files(storage, join(run_uri, DROPPED_DIR)):
+    for uri in parquet_files(storage, join(run_uri, DROPPED_DIR)):
         cols = _read_columns(storage, uri, ["stage", "source", "source_row"])
         stage = cols["stage"][0] if cols["stage"] else None
         if stage not in finished:
@@ -142,12 +131,7 @@ def scan_run(storage: Storage, run_uri: str) -> RunState:
         if stage in ("read", "filter"):
             per_source.update(cols["source"])
 
-    rows_seen = {}
-    for uri in storage.list_files(join(run_uri, STATS_DIR)):
-        if not uri.endswith(".json"):
-            continue  # a temporary file a killed run left behind
-        stats = json.loads(storage.read_bytes(uri))
-        rows_seen[stats["source"]] = stats["rows_seen"]
+    rows_seen = {stats["source"]: stats["rows_seen"] for stats in read_stats(storage, run_uri)}
 
     by_stage = {stage: np.unique(np.concatenate(parts)) if parts else _EMPTY
                 for stage, parts in finished.items()}
@@ -163,8 +147,8 @@ def _content_fields(snapshot: dict[str, Any], prefix: str = "") -> dict[str, Any
         dotted = f"{prefix}{key}"
         if dotted in SCHEDULING_FIELDS:
             continue
-        if isinstance(value, dict) and value and dotted not in ("generate.engine_kwargs", "curate.engine_kwargs",
-                                                                "rewrite.engine_kwargs"):
+        # engine_kwargs is compared whole: its keys are free-form
+        if isinstance(value, dict) and value and not dotted.endswith(".engine_kwargs"):
             flat.update(_content_fields(value, dotted + "."))
         else:
             flat[dotted] = value

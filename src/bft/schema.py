@@ -102,6 +102,12 @@ PREVIOUS_STAGE = {"filter": "read", "generate": "filter", "curate": "generate",
                   "rewrite": "curate", "sft": "rewrite"}
 
 
+def row_key(source: str, source_row: int) -> str:
+    """Where a row came from: its identity across stages and attempts (ids are not
+    unique across a crawl; the same page appears in several shards)."""
+    return f"{source}#{source_row}"
+
+
 def arrow_schema(columns: dict[str, pa.DataType]) -> pa.Schema:
     return pa.schema([pa.field(name, dtype) for name, dtype in columns.items()])
 

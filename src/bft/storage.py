@@ -21,6 +21,11 @@ INPUT_SUFFIXES = {
 }
 
 
+# Local files are written under "<name>.tmp-<random>" and renamed when complete; a
+# killed writer leaves such a file behind, which no listing reports.
+TMP_MARKER = ".tmp-"
+
+
 class StorageError(RuntimeError):
     """A permanent object-store problem (missing bucket, access denied): names the URI
     and the cause. Raised before any engine starts, so no GPU time is spent on a run
@@ -105,7 +110,8 @@ class Storage:
         return self.fs(uri).exists(self._path(uri))
 
     def list_files(self, uri: str) -> list[str]:
-        """All files below ``uri`` (recursively), sorted; empty when nothing is there."""
+        """All files below ``uri`` (recursively), sorted; empty when nothing is there.
+        Half-written temporary files (see :meth:`write_bytes`) are left out."""
         fs = self.fs(uri)
         path = self._path(uri)
         try:
@@ -118,7 +124,7 @@ class Storage:
             if not fs.isdir(path):
                 return [uri]
             fs.invalidate_cache(path)
-            return sorted(self._uri(uri, p) for p in fs.find(path))
+            return sorted(self._uri(uri, p) for p in fs.find(path) if TMP_MARKER not in p.rsplit("/", 1)[-1])
         except (PermissionError, ConnectionError) as exc:  # retries are spent by now
             raise StorageError(f"{uri}: cannot list it: {_cause(exc)}") from None
 
@@ -139,7 +145,7 @@ class Storage:
                 fh.write(data)
             return
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex}"
         with fs.open(tmp, "wb") as fh:
             fh.write(data)
         fs.mv(tmp, path)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from bft.config import InputConfig
+from bft.schema import row_key
 from bft.storage import Storage, detect_format
 
 # When the config names no column, these are tried in order. They cover Dolma
@@ -100,7 +101,7 @@ class ColumnMapping:
     @staticmethod
     def drop(source: str, position: int, reason: str, detail: str, raw_id: Any = None,
              url: str | None = None, text: str | None = None) -> dict[str, Any]:
-        doc_id = _clean(str(raw_id)) if raw_id is not None else f"{source}#{position}"
+        doc_id = _clean(str(raw_id)) if raw_id is not None else row_key(source, position)
         return {"id": doc_id, "url": url, "source": source, "source_row": position, "reason": reason,
                 "detail": f"{source}, row {position}: {detail}", "text": text}
 
@@ -137,7 +138,8 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows
     When the file cannot be read to its end, ``on_bad_file="fail"`` raises
     :class:`InputError` naming it; ``"skip"`` keeps the rows read so far and records the
     unreadable rest as one dropped row (reason ``unreadable_file``, or ``wrong_schema``
-    when the text column is missing; numbered after the last row read), so the failure is counted and visible in ``dropped/``.
+    when the text column is missing; numbered after the last row read), so the failure
+    is counted and visible in ``dropped/``.
     """
     from bft.readers.jsonl import iter_jsonl_records
     from bft.readers.parquet import iter_parquet_records

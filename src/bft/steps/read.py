@@ -6,7 +6,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from bft.context import RunContext
 from bft.readers import ColumnMapping, read_file
 from bft.schema import DOC_COLUMNS, to_table
-from bft.storage import join
+from bft.storage import Storage, join
 
 STATS_DIR = "_stats/read"
 
@@ -23,9 +23,15 @@ def stats_uri(run_uri: str, source: str) -> str:
     return join(run_uri, STATS_DIR, hashlib.sha1(source.encode()).hexdigest()[:20] + ".json")
 
 
-def _unfinished(rows: list[dict], stage: str, ctx: RunContext) -> list[dict]:
-    """Rows an earlier attempt of this run has not finished at ``stage`` (all, on a first attempt)."""
-    finished = ctx.finished_rows()
+def read_stats(storage: Storage, run_uri: str) -> list[dict]:
+    """The per-file read records of a run."""
+    return [json.loads(storage.read_bytes(uri)) for uri in storage.list_files(join(run_uri, STATS_DIR))
+            if uri.endswith(".json")]
+
+
+def _unfinished(rows: list[dict], stage: str, finished: Any) -> list[dict]:
+    """Rows an earlier attempt of this run has not finished at ``stage`` (all, on a first
+    attempt: ``finished`` is a ``resume.FinishedRows`` or ``None``)."""
     if not rows or finished is None or not finished.count(stage):
         return rows
     done = finished.mask(stage, [r["source"] for r in rows], [r["source_row"] for r in rows])
@@ -42,13 +48,14 @@ def read_files(batch: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
     cfg = ctx.config.input
     mapping = ColumnMapping.from_config(cfg)
     writer = ctx.writer
+    finished = ctx.finished_rows()
     for uri in batch.column("path").to_pylist():
         started = time.time()
         stats = None
         skipped = 0
         for docs, drops, stats in read_file(ctx.storage, uri, cfg.format, mapping, cfg.rows_per_block,
                                             cfg.on_bad_file):
-            new_drops, new_docs = _unfinished(drops, "read", ctx), _unfinished(docs, "filter", ctx)
+            new_drops, new_docs = _unfinished(drops, "read", finished), _unfinished(docs, "filter", finished)
             skipped += len(docs) + len(drops) - len(new_docs) - len(new_drops)
             writer.write("read", [], new_drops, started)
             if new_docs:

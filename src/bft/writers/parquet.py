@@ -24,6 +24,11 @@ FINISHED_KEY = b"bft.finished_at"
 DROPPED_DIR = "dropped"
 
 
+def parquet_files(storage: Storage, folder: str) -> list[str]:
+    """The stage files under ``folder``."""
+    return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+
+
 def _digest(stage: str, rows: list[dict]) -> str:
     h = hashlib.sha1(stage.encode())
     for row in rows:
