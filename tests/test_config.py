@@ -178,3 +178,8 @@ def test_set_on_one_stage_leaves_anchored_siblings_alone(tmp_path, tiny_model):
                       [f"model={tiny_model}", "generate.engine_kwargs.max_num_seqs=1"])
     assert cfg.generate.engine_kwargs["max_num_seqs"] == 1
     assert cfg.curate.engine_kwargs["max_num_seqs"] == cfg.rewrite.engine_kwargs["max_num_seqs"] == 64
+
+
+def test_env_var_numbers_become_text():
+    cfg = load_config(None, ["model=/m", "generate.env_vars.OMP_NUM_THREADS=2", "generate.env_vars.FLAG=true"])
+    assert cfg.generate.env_vars == {"OMP_NUM_THREADS": "2", "FLAG": "true"}

@@ -49,7 +49,7 @@ def test_llm_request_and_parse_round_trip(tmp_path, tiny_model):
     ctx = context(tmp_path, tiny_model, "curate.threshold=4")
     row = {**doc(1, GOOD), "n_chars": len(GOOD), "n_tokens": 90, "instruction": "How do I repot a plant?",
            "generate_raw": "x", "generate_prompt_tokens": 1, "generate_completion_tokens": 1}
-    request = build_request(dict(row), curate, ctx)
+    request = build_request(dict(row), curate, ctx.config, ctx.templates)
     assert "How do I repot a plant?" in request["prompt"] and GOOD in request["prompt"]
     assert request["prompt"].endswith("<|assistant|>\n")  # the model's chat template
     assert request["sampling_params"]["structured_outputs"] == {"regex": ctx.config.curate.structured_output_regex}

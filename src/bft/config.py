@@ -209,6 +209,15 @@ class LLMStageConfig(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict)
     """Environment variables for the engine actors (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
 
+    @field_validator("env_vars", mode="before")
+    @classmethod
+    def _env_values_as_text(cls, value: Any) -> Any:
+        # YAML and --set read `OMP_NUM_THREADS: 2` as a number; the environment wants text.
+        if isinstance(value, dict):
+            return {k: str(v).lower() if isinstance(v, bool) else
+                    str(v) if isinstance(v, (int, float)) else v for k, v in value.items()}
+        return value
+
     @field_validator("replicas")
     @classmethod
     def _check_replicas(cls, value: tuple[int, int]) -> tuple[int, int]:

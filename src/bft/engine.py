@@ -25,21 +25,26 @@ def placement_bundles(stage: LLMStageConfig) -> list[dict[str, float]]:
     return [dict(bundle) for _ in range(stage.workers_per_replica)]
 
 
-def processor_config(stage: LLMStageConfig) -> Any:
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    engine_kwargs = dict(stage.engine_kwargs)
+def engine_kwargs(stage: LLMStageConfig) -> dict[str, Any]:
+    """vLLM engine arguments of a stage (also what the benchmark's bare engine gets)."""
+    kwargs = dict(stage.engine_kwargs)
     if stage.workers_per_replica == 1:
         # One worker: run the model inside the engine-core process rather than in a
         # separate worker process (another full torch + vLLM import per replica). vLLM's
         # CPU platform honours this only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (see
         # examples/quickstart.yaml); GPUs honour it as is.
-        engine_kwargs.setdefault("distributed_executor_backend", "uni")
+        kwargs.setdefault("distributed_executor_backend", "uni")
     if stage.tokenizer:
-        engine_kwargs.setdefault("tokenizer", stage.tokenizer)
+        kwargs.setdefault("tokenizer", stage.tokenizer)
+    return kwargs
+
+
+def processor_config(stage: LLMStageConfig) -> Any:
+    from ray.data.llm import vLLMEngineProcessorConfig
+
     return vLLMEngineProcessorConfig(
         model_source=stage.model,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=engine_kwargs(stage),
         batch_size=stage.batch_size,
         concurrency=tuple(stage.replicas),
         max_concurrent_batches=stage.max_concurrent_batches,

@@ -1,5 +1,6 @@
 """Faults, for real: hostile input, a driver killed with SIGKILL and resumed, an engine
-actor killed mid-run, and an S3 endpoint that throttles, errors and drops connections.
+actor killed mid-run, and an S3 endpoint that throttles, errors and drops connections
+(the last two during the resumed run).
 
 Every run reads the same input from the S3 server (the quickstart documents plus a
 generated corpus of hostile files) with ``curate.threshold=1``, so which documents reach
@@ -181,19 +182,30 @@ def test_secret_in_config_never_reaches_outputs_or_logs(corpus, baseline):
         assert S3_SECRET.encode() not in data, path
 
 
-def test_driver_killed_at_random_point_then_resumed(corpus, baseline, config_file, s3_server, tiny_model, capsys):
-    """A scheduled-style run (``{date}`` in its URIs, no --run-id) is killed; the same
-    command again finds the date's unfinished run and resumes it."""
+# vLLM logs its throughput about once a second while it has requests; the Ray prefix
+# names the actor process.
+BUSY_ENGINE = re.compile(r"pid=(\d+)\).*Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9])")
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(corpus, baseline, config_file, s3_server, tiny_model, tmp_path_factory):
+    """A scheduled-style run (``{date}`` in its URIs, no --run-id) is SIGKILLed at a random
+    point; the same command again resumes it, through a faulty S3 endpoint, and one of its
+    busy engine actors is killed. (One resumed run carries all three faults: each full
+    run costs about two minutes of the suite; each fault has its own checks below.)"""
     fs, _ = corpus
-    expected, _, baseline_wall, _ = baseline
+    _, _, baseline_wall, _ = baseline
     runs = f"{BUCKET}/dated/runs/{DATE}"
+    # One sequence at a time keeps the generate engine busy long enough to be caught working.
     command = bft_command(config_file, None, tiny_model, "--date", DATE,
-                          "--set", f"input.uri=s3://{BUCKET}/dated/input/{{date}}/",
-                          "--set", f"output.uri=s3://{BUCKET}/dated/runs/{{date}}")
-    seed = int(time.time())
-    delay = random.Random(seed).uniform(0.25, 0.75) * baseline_wall
+                         "--set", f"input.uri=s3://{BUCKET}/dated/input/{{date}}/",
+                         "--set", f"output.uri=s3://{BUCKET}/dated/runs/{{date}}",
+                         "--set", "generate.engine_kwargs.max_num_seqs=1")
     env = {**os.environ, **s3_env(s3_server)}
     env.pop("RAY_ADDRESS", None)
+
+    seed = int(time.time())
+    delay = random.Random(seed).uniform(0.25, 0.75) * baseline_wall
     proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *command], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     time.sleep(delay)
@@ -205,44 +217,13 @@ def test_driver_killed_at_random_point_then_resumed(corpus, baseline, config_fil
     run_id = json.loads(fs.cat(f"{runs}/_started/{DATE}.json"))["run_id"]
     left = Counter(p.split("/")[5] for p in fs.find(f"{runs}/{run_id}") if p.endswith(".parquet"))
     assert not fs.exists(f"{runs}/{run_id}/manifest.json") and not fs.exists(f"{runs}/_completed/{DATE}.json")
+    driver_kill = {"seed": seed, "delay": delay, "run_id": run_id, "left": dict(left)}
 
-    resumed = run_bft(*command, env=s3_env(s3_server))
-    assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert f"run {run_id} started earlier and did not finish; resuming it" in resumed.stderr
-    outcome = Outcome(fs, run_id, runs)
-    outcome.check_complete()
-    outcome.same_result_as(expected)
-    assert json.loads(fs.cat(f"{runs}/_completed/{DATE}.json"))["run_id"] == run_id
-    # one run for the date: the retry did not start a second one
-    assert sorted(fs.ls(runs, refresh=True)) == sorted(f"{runs}/{name}" for name in ("_completed", "_started", run_id))
-    resume = outcome.manifest["resume"]
-    assert resume is not None
-    with capsys.disabled():
-        print(f"\n[driver kill] seed {seed}: SIGKILL after {delay:.1f} s; files left per folder {dict(left)}; "
-              f"resume found finished {resume['finished_before']}, read {resume['input_files_read_again']} "
-              f"input file(s) again ({outcome.manifest['rows_read_again']} rows already done), "
-              f"rows joining at {resume['rows_entering_at']}")
-
-
-# vLLM logs its throughput about once a second while it has requests; the Ray prefix
-# names the actor process.
-BUSY_ENGINE = re.compile(r"pid=(\d+)\).*Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9])")
-
-
-@pytest.fixture(scope="module")
-def chaos_run(corpus, config_file, s3_server, tiny_model, tmp_path_factory):
-    """One run through a faulty S3 endpoint, with a busy engine actor killed mid-run.
-    (Both faults in one run keeps the suite short; each has its own checks below.)"""
-    fs, _ = corpus
-    env = {**os.environ, **s3_env(s3_server)}
-    env.pop("RAY_ADDRESS", None)
     killed: list[int] = []
     engine_children: list[int] = []  # vLLM's engine-core process(es) of the killed replica
     lines: list[str] = []
     with S3FaultProxy(s3_server.endpoint, fault_rate=0.1, seed=11) as proxy:
         env["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
-        # One sequence at a time keeps the engine busy long enough to be caught working.
-        command = bft_command(config_file, "chaos", tiny_model, "--set", "generate.engine_kwargs.max_num_seqs=1")
         # vLLM logs to stdout, which Ray forwards to the driver's stdout: watch both.
         proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *command], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -266,16 +247,38 @@ def chaos_run(corpus, config_file, s3_server, tiny_model, tmp_path_factory):
         kill_session(proc.pid)  # nothing of this run may outlive it
         counts = dict(proxy.counts)
     output = "".join(lines)
-    (tmp_path_factory.getbasetemp() / "chaos-run.log").write_text(output)
+    (tmp_path_factory.getbasetemp() / "resumed-run.log").write_text(output)
     assert proc.returncode == 0, output[-5000:]
-    return Outcome(fs, "chaos"), (killed, engine_children, orphans), counts, output
+    engine_kill = {"killed": killed, "children": engine_children, "orphans": orphans}
+    return Outcome(fs, run_id, runs), driver_kill, engine_kill, counts, output
 
 
-def test_engine_actor_killed_mid_run_is_replaced(chaos_run, baseline, capsys):
-    outcome, (killed, engine_children, orphans), _, output = chaos_run
+def test_driver_killed_at_random_point_then_resumed(killed_and_resumed, baseline, corpus, capsys):
+    fs, _ = corpus
+    outcome, kill, _, _, output = killed_and_resumed
+    runs = f"{BUCKET}/dated/runs/{DATE}"
+    assert f"run {kill['run_id']} started earlier and did not finish; resuming it" in output
+    outcome.check_complete()
+    outcome.same_result_as(baseline[0])
+    assert json.loads(fs.cat(f"{runs}/_completed/{DATE}.json"))["run_id"] == kill["run_id"]
+    # one run for the date: the retry did not start a second one
+    assert sorted(fs.ls(runs, refresh=True)) == sorted(
+        f"{runs}/{name}" for name in ("_completed", "_started", kill["run_id"]))
+    resume = outcome.manifest["resume"]
+    assert resume is not None
+    with capsys.disabled():
+        print(f"\n[driver kill] seed {kill['seed']}: SIGKILL after {kill['delay']:.1f} s; files left per folder "
+              f"{kill['left']}; resume found finished {resume['finished_before']}, read "
+              f"{resume['input_files_read_again']} input file(s) again ({outcome.manifest['rows_read_again']} rows "
+              f"already done), rows joining at {resume['rows_entering_at']}")
+
+
+def test_engine_actor_killed_mid_run_is_replaced(killed_and_resumed, baseline, capsys):
+    outcome, _, engine_kill, _, output = killed_and_resumed
+    killed = engine_kill["killed"]
     assert killed, "no engine was seen working, so none was killed"
     # its vLLM engine-core process did not outlive it (it would hold a GPU's memory)
-    assert engine_children and not orphans
+    assert engine_kill["children"] and not engine_kill["orphans"]
     with pytest.raises(ProcessLookupError):
         os.kill(killed[0], 0)
     # Ray saw the actor die with work in hand (then restarted it and retried the batch)
@@ -288,8 +291,8 @@ def test_engine_actor_killed_mid_run_is_replaced(chaos_run, baseline, capsys):
               f"{outcome.manifest['final_rows']} final rows as in the baseline")
 
 
-def test_s3_faults_are_retried_with_identical_output(chaos_run, baseline, capsys):
-    outcome, _, counts, _ = chaos_run
+def test_s3_faults_are_retried_with_identical_output(killed_and_resumed, baseline, capsys):
+    outcome, _, _, counts, _ = killed_and_resumed
     faults = counts.get("throttle", 0) + counts.get("server_error", 0) + counts.get("drop", 0)
     assert faults >= 10, counts
     outcome.check_complete()

