@@ -149,6 +149,24 @@ def marginal(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
+def scaling(runs: list[dict]) -> dict[str, Any]:
+    """N vs 10·N: bft's time and memory ratios, and the marginal ratios of every arm."""
+    small, big = runs[0]["arms"]["bft"], runs[1]["arms"]["bft"]
+    memory = ratio(big["peak_pss_total_mb"], small["peak_pss_total_mb"])
+    return {
+        "memory_10x_over_1x": memory,
+        **marginal(runs),
+        "scaling": {
+            "docs": [runs[0]["docs"], runs[1]["docs"]],
+            "wall_s": [small["wall_s"], big["wall_s"]],
+            "time_10x_over_1x": ratio(big["wall_s"], small["wall_s"]),
+            "pipeline_time_10x_over_1x": ratio(big["pipeline_wall_s"], small["pipeline_wall_s"]),
+            "peak_pss_total_mb": [small["peak_pss_total_mb"], big["peak_pss_total_mb"]],
+            "memory_10x_over_1x": memory,
+        },
+    }
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     try:
@@ -235,17 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sizes": runs,
     }
     if len(runs) == 2:
-        report.update(marginal(runs))
-        small, big = runs[0]["arms"]["bft"], runs[1]["arms"]["bft"]
-        report["memory_10x_over_1x"] = ratio(big["peak_pss_total_mb"], small["peak_pss_total_mb"])
-        report["scaling"] = {
-            "docs": sizes,
-            "wall_s": [small["wall_s"], big["wall_s"]],
-            "time_10x_over_1x": ratio(big["wall_s"], small["wall_s"]),
-            "pipeline_time_10x_over_1x": ratio(big["pipeline_wall_s"], small["pipeline_wall_s"]),
-            "peak_pss_total_mb": [small["peak_pss_total_mb"], big["peak_pss_total_mb"]],
-            "memory_10x_over_1x": report["memory_10x_over_1x"],
-        }
+        report.update(scaling(runs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("bft_over_ceiling", "bft_over_naive", "memory_10x_over_1x")}))

@@ -52,3 +52,20 @@ def test_benchmark_configs_load_with_fixed_output_lengths():
         for stage in (cfg.generate, cfg.curate, cfg.rewrite):
             assert stage.sampling.ignore_eos and stage.structured_output_regex, name
         assert cfg.curate.threshold == 1, name
+
+
+def test_scaling_figures_from_two_sizes():
+    from throughput import scaling
+
+    def arm(wall, pss, pipeline=None):
+        return {"wall_s": wall, "peak_pss_total_mb": pss, "pipeline_wall_s": pipeline or wall}
+
+    runs = [{"docs": 10, "arms": {"bft": arm(100, 1000), "ceiling": arm(10, 500)}},
+            {"docs": 100, "arms": {"bft": arm(280, 1100), "ceiling": arm(100, 520)}}]
+    out = scaling(runs)
+    assert out["memory_10x_over_1x"] == 1.1 == out["scaling"]["memory_10x_over_1x"]
+    assert out["scaling"]["time_10x_over_1x"] == 2.8
+    # 90 extra documents: bft took 180 s more (0.5 docs/s), the ceiling 90 s more (1.0)
+    assert out["marginal_docs_per_s"] == {"bft": 0.5, "ceiling": 1.0}
+    assert out["bft_over_ceiling_marginal"] == 0.5
+    assert "bft_over_naive_marginal" not in out  # no naive arm in this run

@@ -42,7 +42,9 @@ def test_notebook_runs_the_benchmark_headless(tmp_path, tiny_model):
 
     results = json.loads((results_dir / "throughput.json").read_text())
     config = yaml.safe_load((ROOT / "benchmarks" / "throughput.yaml").read_text())
-    assert [s["docs"] for s in results["sizes"]] == [3, 6]
+    # One size keeps `make test` short; the N vs 10N figures are unit-tested
+    # (test_benchmark_harness.py) and shown by the committed run.
+    assert [s["docs"] for s in results["sizes"]] == [3]
     for size in results["sizes"]:
         arms = size["arms"]
         assert set(arms) == {"bft", "ceiling", "naive"}
@@ -63,9 +65,4 @@ def test_notebook_runs_the_benchmark_headless(tmp_path, tiny_model):
         assert arms["bft"]["peak_rss_workers_mb"] > 0  # Ray workers and engines were seen
     assert results["bft_over_ceiling"] == results["sizes"][-1]["bft_over_ceiling"]
     assert results["bft_over_naive"] == results["sizes"][-1]["bft_over_naive"]
-    small, big = (s["arms"]["bft"]["peak_pss_total_mb"] for s in results["sizes"])
-    assert results["memory_10x_over_1x"] == round(big / small, 3)
-    # Marginal speed: the extra documents over the extra time, start-up cancelled out.
-    for arm, speed in results["marginal_docs_per_s"].items():
-        walls = [s["arms"][arm]["wall_s"] for s in results["sizes"]]
-        assert speed == round(3 / (walls[1] - walls[0]), 3)
+    assert results["memory_10x_over_1x"] is None and "scaling" not in results
