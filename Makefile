@@ -6,6 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BFT    := $(VENV)/bin/bft
 TINY   := .cache/tiny-model
+# Headless browser for the report test (Debian's package; the test opens report.html in it).
+CHROMIUM ?= /usr/bin/chromium
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: demo test test-unit venv clean
 
@@ -23,10 +26,14 @@ $(VENV)/.installed: pyproject.toml
 $(TINY)/config.json: $(VENV)/.installed
 	$(BFT) tiny-model $(TINY)
 
-demo: $(VENV)/.installed $(TINY)/config.json
-	$(BFT) run examples/quickstart.yaml
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
-test: $(VENV)/.installed $(TINY)/config.json
+demo: $(VENV)/.installed $(TINY)/config.json
+	$(BFT) run examples/quickstart.yaml --report
+
+test: $(VENV)/.installed $(TINY)/config.json $(CHROMIUM)
 	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs --durations=10
 
 test-unit: $(VENV)/.installed

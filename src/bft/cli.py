@@ -1,4 +1,4 @@
-"""Command line: ``bft run``, ``bft tiny-model``."""
+"""Command line: ``bft run``, ``bft report``, ``bft submit``, ``bft tiny-model``."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from bft.config import ConfigError
     from bft.prompts import TemplateError
     from bft.readers import InputError
+    from bft.report.run_data import ReportError
     from bft.storage import StorageError
 
-    return ConfigError, TemplateError, InputError, StorageError
+    return ConfigError, TemplateError, InputError, StorageError, ReportError
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -67,8 +68,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(_summary(manifest))
     print(f"outputs:  {result.run_uri}/  (filtered/ generated/ curated/ rewritten/ sft/ dropped/)")
     print(f"final dataset: {result.run_uri}/sft/")
+    if args.report and (status := _report_after_run(cfg.storage, result.run_uri, cfg.report)):
+        return status
     print(f"manifest: {result.manifest_uri}")
     return 0 if manifest["reconciled"] else 3
+
+
+def _print_report(report: Any) -> None:
+    from bft.report.build import key_figures
+
+    print(key_figures(report.data))
+    print(f"report:   {report.html_uri}")
+    print(f"          {report.json_uri}")
+
+
+def _report_after_run(storage_cfg: Any, run_uri: str, settings: Any) -> int:
+    """``bft run --report``: 4 when the report fails (the run's outputs are intact)."""
+    from bft.report.build import build_report
+    from bft.storage import Storage
+
+    try:
+        report = build_report(Storage(storage_cfg), run_uri, settings)
+    except Exception as exc:  # noqa: BLE001 - a failed report must not hide the run's result
+        logging.getLogger("bft").exception("report failed")
+        print(f"bft: error: the report of {run_uri} failed: {_root_cause(exc)} "
+              f"(the run is complete; retry with `bft report {run_uri}`)", file=sys.stderr)
+        return 4
+    _print_report(report)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bft.config import load_report_settings
+    from bft.report.build import build_report
+    from bft.storage import Storage
+
+    overrides = list(args.set)
+    if args.out:
+        overrides.append(f"report.out_uri={args.out}")
+    if args.no_embed:
+        overrides.append("report.embed=false")
+    storage_cfg, settings = load_report_settings(args.config, overrides)
+    _print_report(build_report(Storage(storage_cfg), args.run_uri, settings))
+    return 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -127,7 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="with a {date} input: start a new run even if that date was already processed "
                           "or has an unfinished run (which is otherwise resumed)")
+    run.add_argument("--report", action="store_true",
+                     help="write the quality report (<run>/report/report.html, report.json) at the end")
     run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="write a run's quality report: report.html (self-contained) and report.json")
+    rep.add_argument("run_uri", help="the run folder: <output.uri>/<run_id> (local path or s3://)")
+    rep.add_argument("--out", help="folder for report.html and report.json (default: <run>/report/)")
+    rep.add_argument("--config", help="a run config to take storage.* and report.* settings from")
+    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set report.sample_size=500 (repeatable)")
+    rep.add_argument("--no-embed", action="store_true", help="leave out the embedding view")
+    rep.set_defaults(func=cmd_report)
 
     sub_ = sub.add_parser("submit", help="submit `bft run` to a Ray cluster as a job (prints the job id)")
     sub_.add_argument("config", help="YAML config: a path inside --working-dir, or an s3:// URI")

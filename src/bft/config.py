@@ -328,6 +328,42 @@ class RayConfig(_Strict):
     run: that many failures means a broken model or setup, not a bad row."""
 
 
+class ReportConfig(_Strict):
+    """The quality report (``bft report RUN_URI``, ``bft run --report``)."""
+
+    out_uri: str | None = None
+    """Where the report is written; ``None`` writes ``<run>/report/`` (``report.html``, ``report.json``)."""
+
+    sample_size: int = Field(default=2000, ge=1)
+    """Final pairs whose text measures are computed (diversity, near-duplicates,
+    faithfulness, examples, embeddings), drawn at random; counts, scores and lengths
+    always cover every row."""
+
+    examples: int = Field(default=10, ge=0)
+    """Random (instruction, response) pairs shown in the example table."""
+
+    worst_examples: int = Field(default=5, ge=0)
+    """Least faithful rewrites listed (most numbers/names not in the document)."""
+
+    near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=1)
+    """Two instructions are near-duplicates when the Jaccard similarity of their
+    character 5-gram sets reaches this."""
+
+    seed: int = 0
+    """Seed of the random sample and the example table (same run, same report)."""
+
+    tokenizer: str | None = None
+    """Tokenizer for token lengths; ``None`` uses the run's generate tokenizer (from its
+    manifest). Without a loadable tokenizer only documents' token counts are shown."""
+
+    embed: bool = True
+    """Embedding view (2-D projection, mean pairwise cosine distance) when the
+    ``report-embed`` extra is installed; ``false`` turns it off."""
+
+    embed_sample_size: int = Field(default=1000, ge=2)
+    """Instructions and responses (each) embedded for the embedding view."""
+
+
 class BftConfig(_Strict):
     """A whole run. Load with :func:`load_config`."""
 
@@ -362,6 +398,9 @@ class BftConfig(_Strict):
 
     ray: RayConfig = Field(default_factory=RayConfig)
     """Ray connection and scheduling."""
+
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    """The quality report of a run."""
 
     @field_validator("date", mode="before")
     @classmethod
@@ -510,6 +549,26 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> BftConf
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+class _ReportSettings(_Strict):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+def load_report_settings(path: str | None, overrides: list[str] | None = None) -> tuple[StorageConfig, ReportConfig]:
+    """Storage and report settings for ``bft report``: from a run config when one is given,
+    else defaults (credentials from the environment) plus ``--set storage.*`` / ``report.*``."""
+    if path:
+        cfg = load_config(path, overrides)
+        return cfg.storage, cfg.report
+    data = apply_overrides({}, overrides or [])
+    try:
+        settings = _ReportSettings(**data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "--set (without --config only storage.* and "
+                                                         "report.* apply)")) from None
+    return settings.storage, settings.report
+
+
 def _absolute_if_local(value: Any, base: Path) -> Any:
     """Ray workers may run in another directory than the driver, so local paths are made
     absolute. Hub ids (``org/model``) that do not exist locally are left alone."""
@@ -564,6 +623,6 @@ def reference_markdown() -> str:
     defaults = BftConfig.model_construct(
         input=InputConfig(), storage=StorageConfig(), filters=FilterConfig(),
         generate=GenerateConfig(), curate=CurateConfig(), rewrite=RewriteConfig(),
-        output=OutputConfig(), ray=RayConfig(), model=None)
+        output=OutputConfig(), ray=RayConfig(), report=ReportConfig(), model=None)
     walk(BftConfig, "", defaults)
     return "\n".join(rows)

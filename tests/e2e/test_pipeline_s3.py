@@ -13,6 +13,7 @@ from bft.config import ConfigError, load_config
 from bft.schema import DROPPED_COLUMNS, STAGE_COLUMNS, STAGE_DIRS
 
 from .conftest import ROOT, S3_SECRET, engine_settings, run_bft
+from .report_checks import check_page_renders, check_report_against_files
 
 BUCKET = "bft-e2e"
 DOCS = ROOT / "examples" / "docs.jsonl"
@@ -36,8 +37,9 @@ def s3_run(s3_server, tiny_model):
     fs = s3_server.fs()
     fs.mkdir(BUCKET)
     fs.put(str(DOCS), f"{BUCKET}/crawl/2026-11-22/docs.jsonl")
-    # A scheduled-style run: the input URI holds a date template.
-    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3", "--date", "2026-11-22",
+    # A scheduled-style run: the input URI holds a date template. Its quality report is
+    # written to S3 next to its outputs.
+    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3", "--date", "2026-11-22", "--report",
                      "--set", f"input.uri=s3://{BUCKET}/crawl/{{date}}/",
                      "--set", f"output.uri=s3://{BUCKET}/runs",
                      *engine_settings(tiny_model),
@@ -119,6 +121,18 @@ def test_manifest_reconciles_with_rows_written(s3_run):
     assert manifest["final_rows"] == stages["sft"]["out"]
     assert manifest["versions"]["ray"] and manifest["versions"]["pyarrow"]
     assert manifest["config"]["curate"]["threshold"] == 4
+
+
+def test_quality_report_matches_the_files_and_renders(s3_run, tmp_path):
+    fs, result = s3_run
+    run = f"{BUCKET}/runs/e2e-s3"
+    assert f"report:   s3://{run}/report/report.html" in result.stdout
+    report = json.loads(fs.cat(f"{run}/report/report.json"))
+    check_report_against_files(report, fs, run)
+    assert report["funnel"]["sft"] == json.loads(fs.cat(f"{run}/manifest.json"))["final_rows"]
+    html = tmp_path / "report.html"
+    fs.get(f"{run}/report/report.html", str(html))
+    check_page_renders(html, report, tmp_path / "quickstart-report.png")
 
 
 def test_secret_never_written(s3_run):

@@ -6,20 +6,32 @@ import json
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 
 from .conftest import ROOT, engine_settings, run_bft
+from .report_checks import check_page_renders, check_report_against_files
 
 WEBDOCS = ROOT.parent / "shared" / "webdocs"
 
 
-@pytest.mark.skipif(not WEBDOCS.exists(), reason="../shared/webdocs not present")
-def test_webdocs_dolma_and_fineweb(tmp_path, tiny_model):
-    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "web",
-                     "--set", f"input.uri={WEBDOCS}", "--set", f"output.uri={tmp_path}",
+needs_webdocs = pytest.mark.skipif(not WEBDOCS.exists(), reason="../shared/webdocs not present")
+
+
+@pytest.fixture(scope="module")
+def webdocs_run(tmp_path_factory, tiny_model):
+    out = tmp_path_factory.mktemp("webdocs")
+    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "web", "--report",
+                     "--set", f"input.uri={WEBDOCS}", "--set", f"output.uri={out}",
                      *engine_settings(tiny_model))
     assert result.returncode == 0, result.stderr[-5000:]
+    return out / "web", result
+
+
+@needs_webdocs
+def test_webdocs_dolma_and_fineweb(webdocs_run):
+    run, result = webdocs_run
     manifest = json.loads(Path(result.manifest_uri).read_text())
     stages = manifest["stages"]
     assert manifest["reconciled"] is True
@@ -28,12 +40,45 @@ def test_webdocs_dolma_and_fineweb(tmp_path, tiny_model):
     # The two files hold the same documents: every document that survives the text
     # filters in one file is a duplicate of its copy in the other.
     assert stages["filter"]["dropped_by_reason"]["duplicate"] == stages["filter"]["out"]
-    filtered = pq.read_table(tmp_path / "web" / "filtered")
+    filtered = pq.read_table(run / "filtered")
     assert filtered.num_rows == stages["filter"]["out"]
     assert all(u.startswith("http") for u in filtered.column("url").to_pylist())
     assert all(600 <= n <= 3000 for n in filtered.column("n_chars").to_pylist())
-    sft = pq.read_table(tmp_path / "web" / "sft")
+    sft = pq.read_table(run / "sft")
     assert sft.num_rows == manifest["final_rows"] > 0
+
+
+@needs_webdocs
+def test_webdocs_report_matches_the_files_and_renders(webdocs_run, tmp_path):
+    run, result = webdocs_run
+    assert f"report:   {run}/report/report.html" in result.stdout
+    report = json.loads((run / "report" / "report.json").read_text())
+    check_report_against_files(report, fsspec.filesystem("file"), str(run))
+    assert report["documents_in"] == 600 and report["dropped"]["duplicate"] >= 1
+    check_page_renders(run / "report" / "report.html", report, tmp_path / "webdocs-report.png")
+
+
+@needs_webdocs
+def test_report_command_on_a_finished_run(webdocs_run, tmp_path):
+    run, _ = webdocs_run
+    first = json.loads((run / "report" / "report.json").read_text())
+    again = run_bft("report", str(run), "--out", str(tmp_path / "again"), "--no-embed",
+                    "--set", "report.sample_size=20", "--set", "report.examples=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"report:   {tmp_path / 'again' / 'report.html'}" in again.stdout
+    report = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert report["funnel"] == first["funnel"] and report["scores"] == first["scores"]
+    assert report["sample"] == {"size": min(20, first["funnel"]["rewrite"]), "of": first["funnel"]["rewrite"],
+                                "seed": 0}
+    assert len(report["examples"]) == 4 and report["embeddings"]["enabled"] is False
+    assert "Off: turned off" in (tmp_path / "again" / "report.html").read_text()
+
+
+def test_report_command_errors_name_the_problem(tmp_path):
+    missing = run_bft("report", str(tmp_path / "no-such-run"))
+    assert missing.returncode == 2 and f"{tmp_path / 'no-such-run'}: no run there" in missing.stderr
+    bad = run_bft("report", str(tmp_path), "--set", "report.sample_size=-1")
+    assert bad.returncode == 2 and "report.sample_size" in bad.stderr
 
 
 def test_wrong_text_column_fails_fast_naming_column_and_file(tmp_path, tiny_model):
