@@ -5,6 +5,8 @@ kustomize rendering, the bft configs inside them, and the Dockerfile with hadoli
 from __future__ import annotations
 
 import copy
+import functools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +60,18 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_dockerfile_installs_every_dependency():
+    """The image installs bft with --no-deps after pinning its dependencies: a dependency
+    added to pyproject.toml must be added there too."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text().lower()
+    for dep in deps:
+        name = re.match(r"[A-Za-z0-9_.-]+", dep).group(0).lower()
+        assert f'"{name}==' in dockerfile or f'"{name}[' in dockerfile, f"{name} is not installed in deploy/Dockerfile"
+
+
 def test_hadolint_catches_problems(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu:latest\nRUN apt-get install curl\n")
@@ -77,11 +91,14 @@ def rendered() -> dict[str, list[dict]]:
     return {path: render(path) for path in KUSTOMIZATIONS}
 
 
+@functools.lru_cache(maxsize=None)
 def crd_validator(kind: str):
     import jsonschema
 
     plural = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}[kind]
-    crd = yaml.safe_load((CRDS / f"ray.io_{plural}.yaml").read_text())
+    # The CRDs are megabytes of YAML: parse each once, with libyaml when present.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((CRDS / f"ray.io_{plural}.yaml").read_text(), Loader=loader)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
 

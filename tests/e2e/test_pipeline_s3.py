@@ -142,24 +142,6 @@ def test_secret_never_written(s3_run):
         assert S3_SECRET.encode() not in fs.cat(path), path
 
 
-def test_restart_from_curate_reuses_generated_output(s3_run, s3_server, tiny_model):
-    fs, first = s3_run
-    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3-recurate",
-                     "--from-stage", "curate", "--from-run", "e2e-s3",
-                     "--set", f"output.uri=s3://{BUCKET}/runs", "--set", "curate.threshold=1",
-                     *engine_settings(tiny_model),
-                     env=s3_server.env)
-    assert result.returncode == 0, result.stderr[-5000:]
-    manifest = json.loads(fs.cat(result.manifest_uri.removeprefix("s3://")))
-    first_manifest = json.loads(fs.cat(first.manifest_uri.removeprefix("s3://")))
-    assert list(manifest["stages"]) == ["curate", "rewrite", "sft"]
-    assert manifest["stages"]["curate"]["in"] == first_manifest["stages"]["generate"]["out"]
-    # threshold 1 keeps every parseable score: nothing is dropped below threshold
-    assert "below_threshold" not in manifest["stages"]["curate"]["dropped_by_reason"]
-    assert manifest["reconciled"] is True
-    assert not fs.exists(f"{BUCKET}/runs/e2e-s3-recurate/filtered")
-
-
 def test_rerunning_the_same_date_adds_nothing(s3_run, s3_server, tiny_model):
     fs, first = s3_run
     marker = json.loads(fs.cat(f"{BUCKET}/runs/_completed/2026-11-22.json"))

@@ -107,12 +107,14 @@ def test_ray_job_submit_quickstart_succeeds(submitted_run):
     assert (out / "job-e2e" / "sft").is_dir()
 
 
-def test_bft_submit_prints_job_id_and_runs(submitted_run, tiny_model):
+def test_bft_submit_restarts_from_curate_reusing_generated_output(submitted_run, tiny_model):
+    """`bft submit` of a restart: curate again, with another threshold, from the first
+    job's generated/ (one job tests both: each costs about two minutes of the suite)."""
     address, env, out, first = submitted_run
     assert first.returncode == 0
     cmd = [sys.executable, "-m", "bft.cli", "submit", "examples/quickstart.yaml", "--address", address,
-           "--run-id", "job-e2e-rewrite", "--from-stage", "rewrite", "--from-run", "job-e2e",
-           "--set", f"output.uri={out}", *engine_settings(tiny_model)]
+           "--run-id", "job-e2e-recurate", "--from-stage", "curate", "--from-run", "job-e2e",
+           "--set", f"output.uri={out}", "--set", "curate.threshold=1", *engine_settings(tiny_model)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -124,9 +126,14 @@ def test_bft_submit_prints_job_id_and_runs(submitted_run, tiny_model):
         assert "failed" not in status and "stopped" not in status, _job_logs(address, job_id, env)
         assert time.time() < deadline, "job did not finish in time"
         time.sleep(5)
-    manifest = json.loads((out / "job-e2e-rewrite" / "manifest.json").read_text())
-    assert list(manifest["stages"]) == ["rewrite", "sft"] and manifest["reconciled"] is True
+    manifest = json.loads((out / "job-e2e-recurate" / "manifest.json").read_text())
+    first_manifest = json.loads((out / "job-e2e" / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["curate", "rewrite", "sft"] and manifest["reconciled"] is True
     assert manifest["from_run"] == "job-e2e"
+    assert manifest["stages"]["curate"]["in"] == first_manifest["stages"]["generate"]["out"]
+    # threshold 1 keeps every parseable score: nothing is dropped below threshold
+    assert "below_threshold" not in manifest["stages"]["curate"]["dropped_by_reason"]
+    assert not (out / "job-e2e-recurate" / "filtered").exists()
 
 
 def test_bft_submit_rejects_bad_config_locally(ray_head, tmp_path):
