@@ -205,6 +205,28 @@ def test_report_of_a_run_restarted_at_curate(run_folder, tmp_path):
     assert data["manifest"]["counts_agree"] is True
 
 
+def test_report_of_a_run_with_no_final_pairs_and_lost_rows(run_folder, tmp_path):
+    """Nothing reached the final set, and curate's kept rows vanished: the report still
+    renders every section, and says the manifest's counts do not add up."""
+    import shutil
+
+    storage, run = run_folder
+    for folder in ("curated", "rewritten", "sft"):
+        shutil.rmtree(f"{run}/{folder}")
+    manifest = build_manifest(storage, run, run_id="run", config={"curate": {"threshold": 4}},
+                              started_at=time.time(), input_files=1)
+    assert not manifest["reconciled"]
+    write_manifest(storage, run, manifest)
+    data = build_report(storage, run, ReportConfig(embed=False)).data
+    assert data["funnel"]["curate"] == data["funnel"]["sft"] == 0
+    assert data["sample"] == {"size": 0, "of": 0, "seed": 0} and data["examples"] == []
+    assert data["faithfulness"]["n"] == 0 and data["diversity"]["instructions"]["unique_trigrams_per_1k"] is None
+    assert data["manifest"]["reconciled"] is False
+    page = Path(run, "report", "report.html").read_text()
+    assert 'class="warn"' in page and "do not reconcile" in page
+    assert sorted(re.findall(r'data-figure="(\w+)"', page)) == data["figures"]
+
+
 def test_same_run_same_report(run_folder, tmp_path):
     storage, run = run_folder
     first = build_report(storage, run, ReportConfig(embed=False, out_uri=str(tmp_path / "a"))).data

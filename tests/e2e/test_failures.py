@@ -182,6 +182,11 @@ def test_secret_in_config_never_reaches_outputs_or_logs(corpus, baseline):
         assert S3_SECRET.encode() not in data, path
 
 
+def _listing(fs, folder: str) -> list[str]:
+    fs.invalidate_cache()
+    return fs.find(folder) if fs.exists(folder) else []
+
+
 # vLLM logs its throughput about once a second while it has requests; the Ray prefix
 # names the actor process.
 BUSY_ENGINE = re.compile(r"pid=(\d+)\).*Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9])")
@@ -208,7 +213,14 @@ def killed_and_resumed(corpus, baseline, config_file, s3_server, tiny_model, tmp
     delay = random.Random(seed).uniform(0.25, 0.75) * baseline_wall
     proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *command], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    time.sleep(delay)
+    # A random point, but no later than the first generated batch: a warm run can be
+    # faster than the baseline, and the resumed run must still have engine work (its
+    # busy engine is killed below).
+    started = time.time()
+    while time.time() - started < delay and not any(
+            "/generated/" in path and path.endswith(".parquet") for path in _listing(fs, runs)):
+        time.sleep(1)
+    delay = time.time() - started
     assert proc.poll() is None, f"the run ended before the kill at {delay:.1f} s (seed {seed})"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
