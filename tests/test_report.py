@@ -1,14 +1,18 @@
 """The quality report's measures, and a report over a run folder built here row by row
-(so every expected figure is known by construction). Real runs: tests/e2e/test_report.py."""
+(so every expected figure is known by construction). Reports of real runs are checked in
+tests/e2e/test_pipeline_s3.py (S3 quickstart) and tests/e2e/test_webdocs_and_errors.py."""
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from bft.config import ConfigError, ReportConfig, StorageConfig, load_report_settings
@@ -17,7 +21,7 @@ from bft.report.build import build_report, key_figures
 from bft.report.counts import distribution, pearson
 from bft.report.diversity import leading_words, near_duplicates, unique_trigrams
 from bft.report.faithfulness import copied_share, faithfulness, unsupported_tokens
-from bft.report.run_data import ReportError
+from bft.report.run_data import ReportError, _Reservoir
 from bft.steps.read import stats_uri
 from bft.storage import Storage
 from bft.writers.manifest import build_manifest, write_manifest
@@ -107,6 +111,27 @@ def test_distribution_and_pearson():
     assert pearson([1, 1, 1], [1, 2, 3]) is None
 
 
+def test_reservoir_sample_is_uniform_and_independent_of_how_rows_arrive():
+    def sample(sizes: list[int], k: int) -> list[int]:
+        reservoir, start = _Reservoir(k, seed=5), 0
+        for n in sizes:
+            reservoir.offer(pa.table({"i": list(range(start, start + n))}))
+            start += n
+        assert reservoir.seen == start
+        return [row["i"] for row in reservoir.items]
+
+    # Algorithm R row by row, as the reference.
+    rng, expected = random.Random(5), []
+    for i in range(1000):
+        if i < 50:
+            expected.append(i)
+        elif (slot := rng.randrange(i + 1)) < 50:
+            expected[slot] = i
+    assert sample([1000], 50) == sample([1] * 1000, 50) == sample([30, 0, 200, 770], 50) == expected
+    assert len(set(expected)) == 50 and max(expected) > 900  # late rows get in too
+    assert sample([3, 2], 50) == [0, 1, 2, 3, 4]  # fewer rows than the sample: all of them
+
+
 # --- a whole report over a run folder written here ------------------------------------
 
 def _doc(i: int, **extra) -> dict:
@@ -186,8 +211,6 @@ def test_report_over_a_known_run(run_folder, tmp_path):
 
 def test_report_of_a_run_restarted_at_curate(run_folder, tmp_path):
     """A ``--from-stage curate`` run holds curate's outputs on: the funnel starts there."""
-    import shutil
-
     storage, run = run_folder
     for folder in ("_stats", "filtered", "generated"):
         shutil.rmtree(f"{run}/{folder}")
@@ -208,8 +231,6 @@ def test_report_of_a_run_restarted_at_curate(run_folder, tmp_path):
 def test_report_of_a_run_with_no_final_pairs_and_lost_rows(run_folder, tmp_path):
     """Nothing reached the final set, and curate's kept rows vanished: the report still
     renders every section, and says the manifest's counts do not add up."""
-    import shutil
-
     storage, run = run_folder
     for folder in ("curated", "rewritten", "sft"):
         shutil.rmtree(f"{run}/{folder}")

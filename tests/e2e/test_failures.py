@@ -227,7 +227,7 @@ def killed_and_resumed(corpus, baseline, config_file, s3_server, tiny_model, tmp
     kill_session(proc.pid)  # what the driver started (its local Ray) goes with it, as a lost head node would
     fs.invalidate_cache()
     run_id = json.loads(fs.cat(f"{runs}/_started/{DATE}.json"))["run_id"]
-    left = Counter(p.split("/")[5] for p in fs.find(f"{runs}/{run_id}") if p.endswith(".parquet"))
+    left = Counter(p.split("/")[5] for p in _listing(fs, f"{runs}/{run_id}") if p.endswith(".parquet"))
     assert not fs.exists(f"{runs}/{run_id}/manifest.json") and not fs.exists(f"{runs}/_completed/{DATE}.json")
     driver_kill = {"seed": seed, "delay": delay, "run_id": run_id, "left": dict(left)}
 

@@ -6,6 +6,8 @@ from collections import Counter
 from statistics import mean
 from typing import Any
 
+import numpy as np
+
 from bft.schema import PIPELINE_ORDER
 
 
@@ -78,14 +80,11 @@ def manifest_check(manifest: dict[str, Any] | None, counts: dict[str, int],
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 3:
+    """Correlation coefficient; ``None`` under 3 points or when either side is constant."""
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if len(x) < 3 or not x.std() or not y.std():
         return None
-    mx, my = mean(xs), mean(ys)
-    sx = sum((x - mx) ** 2 for x in xs) ** 0.5
-    sy = sum((y - my) ** 2 for y in ys) ** 0.5
-    if not sx or not sy:
-        return None
-    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy), 3)
+    return round(float(np.corrcoef(x, y)[0, 1]), 3)
 
 
 def score_summary(scores: list[int], doc_chars: list[int], unparseable: int, out_of_range: int,
@@ -106,7 +105,7 @@ def score_summary(scores: list[int], doc_chars: list[int], unparseable: int, out
         "kept_share": round(sum(1 for s in scores if threshold and s >= threshold) / rated, 4)
         if rated and threshold else None,
         "document_chars_by_score": by_score,
-        "score_vs_document_chars_pearson": pearson([float(s) for s in scores], [float(c) for c in doc_chars]),
+        "score_vs_document_chars_pearson": pearson(scores, doc_chars),
     }
 
 

@@ -21,7 +21,7 @@ NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
 CAPITALIZED_RE = re.compile(r"\b[A-Z][\w'’-]*")
 # A capital after these (or at the start) opens a sentence, a quote or a list item and
 # says nothing about names.
-SENTENCE_OPENERS = tuple(".!?:;\"'“‘([{*#-•\n")
+SENTENCE_OPENERS = ".!?:;\"'“‘([{*#-•\n"
 
 
 def _numbers(text: str) -> set[str]:
@@ -31,8 +31,12 @@ def _numbers(text: str) -> set[str]:
 def _names(text: str) -> list[str]:
     names = []
     for m in CAPITALIZED_RE.finditer(text):
-        before = text[:m.start()].rstrip(" \t")
-        if not before or before.endswith(SENTENCE_OPENERS) or m.group(0) == "I":
+        # The character before the word, spaces and tabs skipped (looked up in place:
+        # slicing the text before each word would be quadratic in its length).
+        i = m.start() - 1
+        while i >= 0 and text[i] in " \t":
+            i -= 1
+        if i < 0 or text[i] in SENTENCE_OPENERS or m.group(0) == "I":
             continue
         names.append(m.group(0))
     return names

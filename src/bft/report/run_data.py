@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from bft.schema import STAGE_DIRS
 from bft.storage import Storage, join
 from bft.writers.manifest import MANIFEST_NAME, tally_run
-from bft.writers.parquet import DROPPED_DIR, parquet_files
+from bft.writers.parquet import dropped_files, parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,30 @@ class RunData:
     sample: list[dict[str, Any]] = field(default_factory=list)  # random final pairs, with text
 
 
+def _read(storage: Storage, uri: str, columns: list[str]) -> pa.Table:
+    with storage.open(uri, "rb") as fh:
+        try:
+            return pq.read_table(fh, columns=columns)
+        except (pa.ArrowInvalid, KeyError) as exc:
+            raise ReportError(f"{uri}: cannot read columns {columns}: {exc}") from None
+
+
 def _tables(storage: Storage, folder: str, columns: list[str]) -> Iterator[pa.Table]:
     for uri in parquet_files(storage, folder):
-        with storage.open(uri, "rb") as fh:
-            try:
-                yield pq.read_table(fh, columns=columns)
-            except (pa.ArrowInvalid, KeyError) as exc:
-                raise ReportError(f"{uri}: cannot read columns {columns}: {exc}") from None
+        yield _read(storage, uri, columns)
 
 
 def _ints(table: pa.Table, column: str) -> list[int]:
     return [v for v in table.column(column).to_pylist() if v is not None]
+
+
+def _measure(column: pa.ChunkedArray, chars: list[int], tokens: list[int],
+             count_tokens: Callable[[list[str]], list[int]] | None) -> None:
+    """Append the character (and token) lengths of a text column's non-null values."""
+    texts = [t for t in column.to_pylist() if t is not None]
+    chars += [len(t) for t in texts]
+    if count_tokens:
+        tokens += count_tokens(texts)
 
 
 def read_manifest(storage: Storage, run_uri: str) -> dict[str, Any] | None:
@@ -80,7 +93,8 @@ def read_manifest(storage: Storage, run_uri: str) -> dict[str, Any] | None:
 
 
 class _Reservoir:
-    """Uniform random sample of a stream of unknown length (Algorithm R)."""
+    """Uniform random sample of a stream of unknown length (Algorithm R), offered a
+    table at a time: only the rows it keeps are turned into Python dicts."""
 
     def __init__(self, size: int, seed: int):
         self.size = size
@@ -88,14 +102,27 @@ class _Reservoir:
         self.items: list[dict[str, Any]] = []
         self._rng = random.Random(seed)
 
-    def offer(self, item: dict[str, Any]) -> None:
-        self.seen += 1
-        if len(self.items) < self.size:
-            self.items.append(item)
+    def offer(self, table: pa.Table) -> None:
+        chosen: dict[int, int] = {}  # slot -> row of this table (a later row replaces an earlier one)
+        filled = len(self.items)
+        for row in range(table.num_rows):
+            self.seen += 1
+            if filled < self.size:
+                slot, filled = filled, filled + 1
+            else:
+                slot = self._rng.randrange(self.seen)
+                if slot >= self.size:
+                    continue
+            chosen[slot] = row
+        if not chosen:
             return
-        slot = self._rng.randrange(self.seen)
-        if slot < self.size:
-            self.items[slot] = item
+        # Slots that grow the sample come first and in order (the sample fills before
+        # any replacement), so appending them in dict order puts each in its place.
+        for slot, item in zip(chosen, table.take(list(chosen.values())).to_pylist()):
+            if slot < len(self.items):
+                self.items[slot] = item
+            else:
+                self.items.append(item)
 
 
 def check_run_folder(storage: Storage, run_uri: str) -> None:
@@ -119,17 +146,14 @@ def load_run(storage: Storage, run_uri: str, manifest: dict[str, Any] | None, sa
         data.doc_chars += _ints(table, "n_chars")
         data.doc_tokens += _ints(table, "n_tokens")
     for table in _tables(storage, join(run_uri, STAGE_DIRS["generate"]), ["instruction"]):
-        instructions = [t for t in table.column("instruction").to_pylist() if t is not None]
-        data.instruction_chars += [len(t) for t in instructions]
-        if count_tokens:
-            data.instruction_tokens += count_tokens(instructions)
+        _measure(table.column("instruction"), data.instruction_chars, data.instruction_tokens, count_tokens)
     for table in _tables(storage, join(run_uri, STAGE_DIRS["curate"]), ["score", "n_chars"]):
         data.scores += table.column("score").to_pylist()
         data.score_doc_chars += table.column("n_chars").to_pylist()
-    for table in _tables(storage, join(run_uri, DROPPED_DIR), ["stage", "reason", "score", "text"]):
-        curate = table.filter(pc.equal(table["stage"], "curate"))
-        if not curate.num_rows:
-            continue
+    # Only curate's drop files: the others (most of dropped/, filter's whole documents)
+    # hold no scores.
+    for uri in dropped_files(storage, run_uri, "curate"):
+        curate = _read(storage, uri, ["reason", "score", "text"])
         reasons = curate.column("reason").to_pylist()
         data.unparseable_scores += reasons.count(UNPARSEABLE_SCORE)
         data.out_of_range_scores += reasons.count(OUT_OF_RANGE_SCORE)
@@ -141,12 +165,8 @@ def load_run(storage: Storage, run_uri: str, manifest: dict[str, Any] | None, sa
 
     reservoir = _Reservoir(sample_size, seed)
     for table in _tables(storage, join(run_uri, STAGE_DIRS["rewrite"]), PAIR_COLUMNS):
-        responses = [t for t in table.column("response").to_pylist() if t is not None]
-        data.response_chars += [len(t) for t in responses]
-        if count_tokens:
-            data.response_tokens += count_tokens(responses)
-        for row in table.to_pylist():
-            reservoir.offer(row)
+        _measure(table.column("response"), data.response_chars, data.response_tokens, count_tokens)
+        reservoir.offer(table)
     data.final_pairs = reservoir.seen
     data.sample = reservoir.items
     log.info("report: %d final pairs, %d in the text sample", data.final_pairs, len(data.sample))

@@ -29,6 +29,13 @@ def parquet_files(storage: Storage, folder: str) -> list[str]:
     return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
 
 
+def dropped_files(storage: Storage, run_uri: str, stage: str) -> list[str]:
+    """The files of ``dropped/`` holding ``stage``'s drops: each holds one stage's rows
+    and is named after it (:meth:`StageWriter.dropped_uri`), so no other file is read."""
+    prefix = f"{stage}-"
+    return [f for f in parquet_files(storage, join(run_uri, DROPPED_DIR)) if f.rsplit("/", 1)[-1].startswith(prefix)]
+
+
 def _digest(stage: str, rows: list[dict]) -> str:
     h = hashlib.sha1(stage.encode())
     for row in rows:
