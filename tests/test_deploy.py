@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from needs import shared
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -111,8 +113,8 @@ def test_kustomizations_render_expected_kinds(rendered):
     assert "RayCluster" in kinds["k8s/overlays/example"]
 
 
-@pytest.mark.skipif(not CRDS.exists(), reason="../shared/kuberay-crds not present")
 def test_kuberay_resources_match_crd_schemas(rendered):
+    shared("kuberay-crds")
     checked = 0
     for path, docs in rendered.items():
         for doc in docs:
@@ -123,8 +125,8 @@ def test_kuberay_resources_match_crd_schemas(rendered):
     assert checked >= 7
 
 
-@pytest.mark.skipif(not CRDS.exists(), reason="../shared/kuberay-crds not present")
 def test_crd_validation_catches_a_bad_rayjob(rendered):
+    shared("kuberay-crds")
     job = copy.deepcopy(next(d for d in rendered["k8s/base"] if d["kind"] == "RayJob"))
     job["spec"]["backoffLimit"] = "once"
     job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"

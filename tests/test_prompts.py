@@ -55,3 +55,21 @@ def test_malformed_templates(text, message):
 def test_missing_template_file():
     with pytest.raises(TemplateError, match="not found"):
         load_template("generate", "/nonexistent/t.txt", {"document"})
+
+
+def test_template_hash_is_the_files_sha256(tmp_path):
+    import hashlib
+    from pathlib import Path
+
+    builtin = Path(__file__).resolve().parents[1] / "src" / "bft" / "templates" / "curate.txt"
+    assert load_template("curate", None, {"document"}).sha256 == hashlib.sha256(builtin.read_bytes()).hexdigest()
+    path = tmp_path / "gen.txt"
+    path.write_bytes(b"### system\r\nBe brief.\r\n### user\r\nAsk about:\r\n{{document}}\r\n")
+    template = load_template("generate", str(path), {"document"})
+    assert template.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # saved with Windows line ends: the same prompt as with Unix ones
+    assert template.messages(document="x") == [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Ask about:\nx"}]
+    path.write_bytes(b"### user\n\xff{{document}}\n")
+    with pytest.raises(TemplateError, match="not UTF-8"):
+        load_template("generate", str(path), {"document"})

@@ -11,6 +11,7 @@ import pytest
 from bft.config import InputConfig, StorageConfig
 from bft.readers import ColumnMapping, InputError, read_file
 from bft.readers.base import content_id
+from needs import shared
 from bft.storage import Storage
 
 from conftest import SHARED_WEBDOCS
@@ -107,8 +108,8 @@ def test_unknown_extension_needs_format(tmp_path):
     assert len(docs) == 1
 
 
-@pytest.mark.skipif(not SHARED_WEBDOCS.exists(), reason="../shared/webdocs not present")
 def test_shared_webdocs_both_layouts_agree():
+    shared("webdocs")
     dolma, d_drops, _ = read_all(SHARED_WEBDOCS / "sample.dolma.jsonl.gz")
     fineweb, f_drops, _ = read_all(SHARED_WEBDOCS / "sample.fineweb.parquet")
     assert len(dolma) == len(fineweb) == 300 and not d_drops and not f_drops

@@ -287,3 +287,12 @@ def test_report_settings_without_a_run_config():
         load_report_settings(None, ["model=x"])
     with pytest.raises(ConfigError, match="report.sample_size"):
         load_report_settings(None, ["report.sample_size=0"])
+
+
+def test_report_says_when_the_manifest_disagrees_with_the_files(run_folder, tmp_path):
+    """A manifest left from before files changed (a file removed by hand) is called out."""
+    storage, run = run_folder
+    next(Path(run, "sft").glob("*.parquet")).unlink()
+    data = build_report(storage, run, ReportConfig(embed=False)).data
+    assert data["manifest"]["counts_agree"] is False
+    assert data["manifest"]["differences"] == ["sft: manifest out 5, files 0"]

@@ -224,11 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bft: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - Ray wraps task errors; unwrap ours
+        from bft.pipeline import RunFailed
+
         cause = _root_cause(exc)
-        if cause is exc:
-            raise
-        print(f"bft: error: {cause}", file=sys.stderr)
-        return 2
+        if cause is not exc:
+            print(f"bft: error: {cause}", file=sys.stderr)
+            return 2
+        if isinstance(exc, RunFailed):
+            print(f"bft: error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -41,6 +41,17 @@ log = logging.getLogger("bft")
 LLM_STEPS = (generate, curate, rewrite)
 
 
+class RunFailed(RuntimeError):
+    """The stream stopped on an error (too many failed batches, a crashed task); what
+    was written so far stays, and the same command resumes the run."""
+
+
+def _last_line(exc: BaseException) -> str:
+    """The gist of a (Ray-wrapped) error: its type and the last line of its text."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -172,14 +183,20 @@ class WorkPlan:
 
 def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_stage: str | None,
               from_run: str | None, prompt_sha256: dict[str, str]) -> WorkPlan:
-    if from_stage not in (None, "filter"):
+    in_place = from_run in (None, run_id)
+    if from_stage == "filter" and not in_place:
+        raise ValueError("--from-stage filter reads the input again, not another run's files: "
+                         "leave out --from-run (a new run id does the same)")
+    if from_stage is not None and from_stage != "filter":
         stages = list(STAGES[STAGES.index(from_stage):])
-        from_run = from_run or run_id
-        files, rows_in = stage_inputs(storage, join(cfg.output.uri, from_run), from_stage)
-        if from_run == run_id:
+        files, rows_in = stage_inputs(storage, join(cfg.output.uri, from_run or run_id), from_stage)
+        if in_place:
             clear_stages(storage, run_uri, stages)
+            # The stages redone now may run with another config (a new threshold, prompt
+            # or model): a later resume of this run is checked against the config in force.
+            write_run_record(storage, run_uri, cfg, prompt_sha256)
         return WorkPlan(stages, [], {from_stage: files},
-                        manifest_start=from_stage if from_run != run_id else "read", first_stage_input=rows_in)
+                        manifest_start="read" if in_place else from_stage, first_stage_input=rows_in)
 
     inputs = list_inputs(cfg, storage)
     if not storage.list_files(run_uri):
@@ -187,6 +204,11 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
         preflight(cfg, storage, inputs)
         return WorkPlan(list(STAGES), inputs, inputs_total=len(inputs))
 
+    if from_stage == "filter":
+        # Filtering again in place: forget what filter and later stages wrote, then the
+        # resume below re-reads every input file (rows dropped by read stay dropped).
+        clear_stages(storage, run_uri, list(STAGES))
+        write_run_record(storage, run_uri, cfg, prompt_sha256)
     # The run id exists: resume it, doing only what no earlier attempt finished.
     check_same_run(storage, run_uri, cfg, prompt_sha256)
     state = scan_run(storage, run_uri)
@@ -199,8 +221,9 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
         "input_files_read_again": len(to_read),
         "rows_entering_at": {stage: sum(files.values()) for stage, files in unfinished.items()},
     }
-    log.info("resuming %s: %d of %d input file(s) to read again; rows entering at %s", run_uri,
-             len(to_read), len(inputs), ", ".join(f"{k} {v}" for k, v in resume["rows_entering_at"].items()))
+    log.info("resuming %s: finished before: %s; %d of %d input file(s) to read again; rows entering at %s",
+             run_uri, ", ".join(f"{k} {v}" for k, v in resume["finished_before"].items()), len(to_read),
+             len(inputs), ", ".join(f"{k} {v}" for k, v in resume["rows_entering_at"].items()))
     return WorkPlan(list(STAGES), to_read, entries, finished=state.finished, resume=resume,
                     inputs_total=len(inputs))
 
@@ -338,6 +361,13 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
     try:
         for _ in ds.iter_batches(batch_size=None):
             pass  # outputs are written by the steps; draining the stream drives the run
+    except Exception as exc:
+        raise RunFailed(
+            f"run {run_uri} stopped: {_last_line(exc)}. A batch that fails every retry "
+            f"(ray.engine_batch_retries={cfg.ray.engine_batch_retries}) is tolerated up to "
+            f"ray.max_failed_batches={cfg.ray.max_failed_batches} times per run; one more, or a "
+            f"failure outside the engines, stops the run. Everything written so far is kept: run "
+            f"the same command (with the same --run-id) to resume.") from exc
     finally:
         if dedup is not None:
             dedup.stop()

@@ -30,16 +30,13 @@ class PromptTemplate:
     source: str
     system: str | None
     user: str
+    sha256: str = ""
+    """SHA-256 of the template file as stored (what ``sha256sum FILE`` prints), recorded
+    with every output row: any change to the file, however small, shows."""
 
     @property
     def placeholders(self) -> set[str]:
         return set(PLACEHOLDER_RE.findall((self.system or "") + self.user))
-
-    @property
-    def sha256(self) -> str:
-        """Hash of the rendered-relevant text, recorded with every output row."""
-        body = f"system:{self.system or ''}\nuser:{self.user}"
-        return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
     def messages(self, **values: str) -> list[dict[str, str]]:
         """Render to chat messages, filling placeholders with ``values``."""
@@ -55,7 +52,10 @@ class PromptTemplate:
 
 
 def parse_template(text: str, source: str, required: set[str]) -> PromptTemplate:
-    """Parse template text; ``required`` placeholders must all appear."""
+    """Parse template text; ``required`` placeholders must all appear. ``text`` is the
+    file decoded as is (no newline translation), so its hash is the file's."""
+    sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    text = text.replace("\r\n", "\n")  # a file saved on Windows renders the same prompt
     sections: dict[str, str] = {}
     matches = list(SECTION_RE.finditer(text))
     if not matches:
@@ -69,7 +69,7 @@ def parse_template(text: str, source: str, required: set[str]) -> PromptTemplate
     if "user" not in sections or not sections["user"].strip():
         raise TemplateError(f"{source}: the '### user' section is missing or empty")
     template = PromptTemplate(source=source, system=sections.get("system") or None,
-                              user=sections["user"])
+                              user=sections["user"], sha256=sha256)
     unknown = template.placeholders - KNOWN_PLACEHOLDERS
     if unknown:
         raise TemplateError(
@@ -85,12 +85,16 @@ def parse_template(text: str, source: str, required: set[str]) -> PromptTemplate
 def load_template(stage: str, path: str | None, required: set[str]) -> PromptTemplate:
     """Load a stage's template: the file at ``path``, or the built-in one."""
     if path is None:
-        text = resources.files("bft.templates").joinpath(f"{stage}.txt").read_text("utf-8")
-        return parse_template(text, f"builtin:{stage}.txt", required)
+        data = resources.files("bft.templates").joinpath(f"{stage}.txt").read_bytes()
+        return parse_template(data.decode("utf-8"), f"builtin:{stage}.txt", required)
     file = Path(path)
     if not file.is_file():
         raise TemplateError(f"{path}: prompt template file not found")
-    return parse_template(file.read_text("utf-8"), str(file), required)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TemplateError(f"{path}: not UTF-8 text ({exc})") from None
+    return parse_template(text, str(file), required)
 
 
 def builtin_template_texts() -> list[str]:

@@ -37,9 +37,9 @@ from bft.storage import Storage, join
 from bft.writers.parquet import DROPPED_DIR, parquet_files
 
 RUN_RECORD = "_run/config.json"
-# Fields that change how a run is scheduled, not what it produces: they may differ
-# between attempts of one run (e.g. resume on a bigger cluster).
-SCHEDULING_FIELDS = {"ray", "storage", "input.rows_per_block", "filters.dedup_shards",
+# Fields that change how a run is scheduled or reported, not what it produces: they may
+# differ between attempts of one run (e.g. resume on a bigger cluster).
+SCHEDULING_FIELDS = {"ray", "storage", "report", "input.rows_per_block", "filters.dedup_shards",
                      *(f"{stage}.{name}" for stage in LLM_STAGES
                        for name in ("replicas", "batch_size", "max_concurrent_batches", "resources", "env_vars"))}
 _EMPTY = np.zeros(0, dtype=np.uint64)

@@ -4,13 +4,16 @@ that runs the real ``bft`` command in a subprocess (its own Ray instance and eng
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -126,3 +129,111 @@ def kill_session(sid: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# vLLM logs its throughput about once a second while it has requests; Ray's prefix names
+# the engine actor's process.
+BUSY_ENGINE = re.compile(r"pid=(\d+)\).*Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9])")
+ENGINE_ACTOR = re.compile(r"\(MapWorker\(MapBatches\(vLLMEngineStageUDF\)\) pid=(\d+)")
+
+
+@dataclass
+class EngineKill:
+    """Kills the first engine actor seen working once ``armed()`` holds; remembers what
+    it killed, the vLLM engine-core process(es) it had started, and when."""
+
+    armed: Callable[[], bool] = lambda: True
+    pid: int | None = None
+    children: list[int] = field(default_factory=list)
+    at_line: int | None = None  # index of the output line that triggered the kill
+
+    def __call__(self, line: str, index: int) -> None:
+        match = BUSY_ENGINE.search(line)
+        if match and self.pid is None and self.armed():
+            pid = int(match.group(1))
+            self.children = children_of(pid)
+            os.kill(pid, signal.SIGKILL)
+            self.pid, self.at_line = pid, index
+
+
+class BftProcess:
+    """``bft`` in a session of its own (so everything it starts can be killed with it),
+    its stdout and stderr read line by line; ``on_line`` callbacks see each line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], on_line: list[Callable[[str, int], None]] = ()):
+        full_env = {**os.environ, **env}
+        full_env.pop("RAY_ADDRESS", None)
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *args], cwd=ROOT, env=full_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", start_new_session=True)
+        self.on_line = list(on_line)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            for callback in self.on_line:
+                callback(line, len(self.lines) - 1)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 600) -> float:
+        """Poll ``condition`` every half second while the run is alive; seconds waited."""
+        started = time.time()
+        while not condition():
+            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.output[-3000:]}"
+            assert time.time() - started < timeout, f"no {what} after {timeout} s"
+            time.sleep(0.5)
+        return time.time() - started
+
+    def kill(self) -> None:
+        """SIGKILL the driver, then everything it started (its local Ray, the engines),
+        as losing the head node would."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        kill_session(self.proc.pid)
+        self.reader.join(timeout=10)
+
+    def wait(self, timeout: float = 900, watch: Callable[[], list[int]] = list) -> int:
+        """Wait for the run to end by itself, note which of ``watch()`` (pids) outlived it
+        (``self.orphans``), then kill whatever of its session is left."""
+        try:
+            self.proc.wait(timeout=timeout)
+            self.orphans = [pid for pid in watch() if is_running(pid)]
+        finally:
+            kill_session(self.proc.pid)
+            self.reader.join(timeout=10)
+        return self.proc.returncode
+
+
+# --- the S3 runs (s3_runs.py): one corpus, one config, one baseline for two modules ----------
+
+@pytest.fixture(scope="session")
+def s3_corpus(s3_server, tmp_path_factory):
+    from .s3_runs import upload_corpus
+
+    fs = s3_server.fs()
+    return fs, upload_corpus(fs, tmp_path_factory.mktemp("s3-corpus"))
+
+
+@pytest.fixture(scope="session")
+def s3_config(s3_corpus, tmp_path_factory) -> Path:
+    from .s3_runs import write_config
+
+    return write_config(tmp_path_factory.mktemp("s3-config") / "s3.yaml", s3_corpus[1])
+
+
+@pytest.fixture(scope="session")
+def s3_baseline(s3_corpus, s3_config, s3_server, tiny_model):
+    import tempfile
+
+    from .s3_runs import run_baseline
+
+    # Its Ray logs go to a temp dir of its own, to be searched for secrets; short, as Ray's
+    # socket paths have a length limit.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bftray"))
+    return run_baseline(s3_corpus[0], s3_server, s3_config, tiny_model, ray_tmp)

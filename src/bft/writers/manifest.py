@@ -68,14 +68,18 @@ def _sum(table: Any, column: str) -> int:
     return int(sum(v for v in table.column(column).to_pylist() if v))
 
 
-def tally_run(storage: Storage, run_uri: str) -> dict[str, _StageTally]:
+def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> dict[str, _StageTally]:
+    """Counts from the run's files; ``reread`` covers input files read by the attempt
+    that started at ``attempt_started`` (an input file's record is rewritten when an
+    attempt reads it again)."""
     tallies: dict[str, _StageTally] = defaultdict(_StageTally)
 
     read = tallies["read"]
     for stats in read_stats(storage, run_uri):
         read.rows_in = (read.rows_in or 0) + stats["rows_seen"]
         read.out += stats["rows_ok"]
-        read.reread += stats.get("rows_already_done", 0)
+        if stats.get("started_at", 0.0) >= attempt_started:
+            read.reread += stats.get("rows_already_done", 0)
         read.files += 1
         read.span(stats.get("started_at"), stats.get("finished_at"))
 
@@ -147,7 +151,7 @@ def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[
                    input_files: int | None = None) -> dict[str, Any]:
     """``input_files``: how many input files the run covers (each must have left a read
     record; a file whose read task failed would otherwise vanish from every count)."""
-    tallies = tally_run(storage, run_uri)
+    tallies = tally_run(storage, run_uri, attempt_started=started_at)
     counts, problems = stage_counts(tallies, start_stage, first_stage_input)
     if input_files is not None and tallies["read"].files != input_files:
         problems.append(f"read: {tallies['read'].files} of {input_files} input files were read to the end")

@@ -1,0 +1,55 @@
+"""The fail-fast error paths (no engine starts), and the commands that need no run."""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import ROOT, run_bft
+
+
+def test_report_command_errors_name_the_problem(tmp_path):
+    missing = run_bft("report", str(tmp_path / "no-such-run"))
+    assert missing.returncode == 2 and f"{tmp_path / 'no-such-run'}: no run there" in missing.stderr
+    bad = run_bft("report", str(tmp_path), "--set", "report.sample_size=-1")
+    assert bad.returncode == 2 and "report.sample_size" in bad.stderr
+
+
+def test_wrong_text_column_fails_fast_naming_column_and_file(tmp_path, tiny_model):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": 1, "body": "x" * 800}) + "\n")
+    result = run_bft("run", "examples/quickstart.yaml", "--set", f"input.uri={docs}",
+                     "--set", f"output.uri={tmp_path / 'out'}", f"--set=model={tiny_model}")
+    assert result.returncode == 2
+    assert "'text'" in result.stderr and str(docs) in result.stderr and "input.text_column" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr  # failed before Ray started
+
+
+def test_invalid_config_fails_before_ray(tmp_path, tiny_model):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {tiny_model}\ncurate:\n  threshold: 9\nfilters:\n  min_charz: 3\n")
+    result = run_bft("run", str(bad))
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and "curate.threshold" in result.stderr and "filters.min_charz" in result.stderr
+    assert "Ray" not in result.stderr
+
+
+def test_missing_input_names_uri(tmp_path, tiny_model):
+    result = run_bft("run", "examples/quickstart.yaml", "--set", f"input.uri={tmp_path / 'nothing-here'}",
+                     "--set", f"output.uri={tmp_path / 'out'}", f"--set=model={tiny_model}")
+    assert result.returncode == 2 and "nothing-here: no input files found" in result.stderr
+
+
+def test_missing_model_fails_before_ray_naming_the_field(tmp_path, tiny_model):
+    result = run_bft("run", "examples/quickstart.yaml", "--set", f"output.uri={tmp_path / 'out'}",
+                     "--set", f"model={tiny_model}", "--set", "rewrite.model=/nonexistent/model")
+    assert result.returncode == 2
+    assert "rewrite.model: cannot load a tokenizer from '/nonexistent/model'" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr
+
+
+def test_config_reference_command_prints_the_readme_table():
+    result = run_bft("config-reference")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.strip()
+    assert table.startswith("| field | default | meaning |") and "| `curate.threshold` | `5` |" in table
+    assert table in (ROOT / "README.md").read_text()
