@@ -131,29 +131,35 @@ def kill_session(sid: int) -> None:
                 pass
 
 
-# vLLM logs its throughput about once a second while it has requests; Ray's prefix names
-# the engine actor's process.
-BUSY_ENGINE = re.compile(r"pid=(\d+)\).*Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9])")
+# An engine actor with work in hand: vLLM (0.32) warns once per process when its first
+# request arrives, and logs its throughput every few seconds while it has requests.
+# Ray's prefix names the engine actor's process.
+WORKING_ENGINE = re.compile(r"pid=(\d+)\).*(Passing raw prompts to InputProcessor|"
+                            r"Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9]))")
 ENGINE_ACTOR = re.compile(r"\(MapWorker\(MapBatches\(vLLMEngineStageUDF\)\) pid=(\d+)")
 
 
 @dataclass
-class EngineKill:
-    """Kills the first engine actor seen working once ``armed()`` holds; remembers what
-    it killed, the vLLM engine-core process(es) it had started, and when."""
+class EngineWatch:
+    """Engine actors in the order they got work (generate's first, then curate's, then
+    rewrite's: each gets rows only once the stage before has passed some on); kills the
+    ``kill_nth`` to get work (1 = the first) as it gets it, remembering its vLLM
+    engine-core process(es) and the output line at the kill."""
 
-    armed: Callable[[], bool] = lambda: True
+    kill_nth: int = 1
+    working: list[int] = field(default_factory=list)
     pid: int | None = None
     children: list[int] = field(default_factory=list)
-    at_line: int | None = None  # index of the output line that triggered the kill
+    at_line: int | None = None
 
     def __call__(self, line: str, index: int) -> None:
-        match = BUSY_ENGINE.search(line)
-        if match and self.pid is None and self.armed():
-            pid = int(match.group(1))
-            self.children = children_of(pid)
-            os.kill(pid, signal.SIGKILL)
-            self.pid, self.at_line = pid, index
+        match = WORKING_ENGINE.search(line)
+        if match and int(match.group(1)) not in self.working:
+            self.working.append(int(match.group(1)))
+            if len(self.working) == self.kill_nth:
+                self.pid, self.at_line = self.working[-1], index
+                self.children = children_of(self.pid)
+                os.kill(self.pid, signal.SIGKILL)
 
 
 class BftProcess:

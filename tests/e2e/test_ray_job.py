@@ -44,12 +44,13 @@ RUN_ID = "job-e2e"
 # this run's model work (not what it tests) short.
 MAX_CHARS = 1000
 SYSTEM_PROMPT = "You answer from the document, and only from it."
-# Two exact lengths the random model picks between at its first character: 32-character
-# instructions pass generate.max_instruction_chars, 92-character ones do not; 21-character
-# responses fail rewrite.min_response_chars, 81-character ones pass.
-GENERATE_REGEX = r"([A-Z][a-z ]{30}|[a-z][a-z ]{90})\?"
-REWRITE_REGEX = r"\[RES\]([A-Z][a-z ,.]{20}|[a-z][a-z ,.]{80})\[/RES\]"
-MAX_INSTRUCTION_CHARS, MIN_RESPONSE_CHARS = 50, 50
+# Two exact lengths the random model picks between with its first letter (a-m or n-z,
+# about even): 32-character instructions pass generate.max_instruction_chars, 92-character
+# ones do not; 21-character responses fail rewrite.min_response_chars, 81-character ones
+# pass. Curate keeps scores of 3 and up.
+GENERATE_REGEX = r"([a-m][a-z ]{30}|[n-z][a-z ]{90})\?"
+REWRITE_REGEX = r"\[RES\]([a-m][a-z ,.]{20}|[n-z][a-z ,.]{80})\[/RES\]"
+MAX_INSTRUCTION_CHARS, MIN_RESPONSE_CHARS, THRESHOLD = 50, 50, 3
 
 
 def python_without_bft(folder: Path) -> Path:
@@ -129,6 +130,7 @@ def write_job_config(folder: Path, tiny_model: Path, out: Path) -> tuple[Path, P
                         + "\nKeep the answer short.\n")
     data.update(model=str(tiny_model), input={"uri": str(WEBDOCS)}, output={"uri": str(out), "system_prompt": SYSTEM_PROMPT})
     data["filters"]["max_chars"] = MAX_CHARS
+    data["curate"]["threshold"] = THRESHOLD
     data["generate"].update(structured_output_regex=GENERATE_REGEX, max_instruction_chars=MAX_INSTRUCTION_CHARS)
     data["generate"]["sampling"]["max_tokens"] = 128
     data["rewrite"].update(structured_output_regex=REWRITE_REGEX, min_response_chars=MIN_RESPONSE_CHARS,
@@ -191,8 +193,9 @@ def test_every_llm_stage_drops_with_its_reason_and_keeps_the_rest(job):
                and len(r["raw_output"].strip()) > MAX_INSTRUCTION_CHARS for r in generate)
     assert all(len(r["instruction"]) <= MAX_INSTRUCTION_CHARS for r in files.kept["generate"]) and files.kept["generate"]
     assert curate and {r["reason"] for r in curate} == {"below_threshold"}
-    assert all(r["score"] < 4 and r["instruction"] and f"Score: {r['score']}" in r["raw_output"] for r in curate)
-    assert all(r["score"] >= 4 for r in files.kept["curate"]) and files.kept["curate"]
+    assert all(r["score"] < THRESHOLD and r["instruction"] and f"Score: {r['score']}" in r["raw_output"]
+               for r in curate)
+    assert all(r["score"] >= THRESHOLD for r in files.kept["curate"]) and files.kept["curate"]
     assert rewrite and {r["reason"] for r in rewrite} == {"response_too_short"}
     assert all(f"rewrite.min_response_chars {MIN_RESPONSE_CHARS}" in r["detail"] for r in rewrite)
     assert all(len(r["response"]) >= MIN_RESPONSE_CHARS for r in files.kept["rewrite"]) and files.kept["rewrite"]
@@ -232,7 +235,7 @@ def test_report_command_on_a_finished_run(job, tmp_path):
     assert report["funnel"] == first["funnel"] and report["scores"] == first["scores"]
     assert report["sample"] == {"size": min(20, first["funnel"]["rewrite"]), "of": first["funnel"]["rewrite"],
                                 "seed": 0}
-    assert len(report["examples"]) == 4 and report["embeddings"]["enabled"] is False
+    assert len(report["examples"]) == min(4, first["funnel"]["rewrite"]) and report["embeddings"]["enabled"] is False
     assert "Off: turned off" in (tmp_path / "again" / "report.html").read_text()
 
 
@@ -302,7 +305,7 @@ def test_resuming_with_a_changed_config_is_refused_naming_the_field(job):
     before = sorted(p.name for p in run.rglob("*"))
     result = rerun(job, run, "--set", "curate.threshold=2")
     assert result.returncode == 2
-    assert f"cannot resume {run}" in result.stderr and "curate.threshold: 4 -> 2" in result.stderr
+    assert f"cannot resume {run}" in result.stderr and f"curate.threshold: {THRESHOLD} -> 2" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in run.rglob("*")) == before
 
