@@ -159,7 +159,8 @@ def job(ray_head, tiny_model, tmp_path_factory):
 
 
 def test_the_head_cannot_import_bft_so_the_job_used_the_shipped_module(job):
-    probe = subprocess.run([str(job["head_python"]), "-c", "import bft"], capture_output=True, text=True)
+    probe = subprocess.run([str(job["head_python"]), "-c", "import bft"], env=job["env"], capture_output=True,
+                           text=True)
     assert probe.returncode != 0 and "No module named 'bft'" in probe.stderr
     assert "succeeded" in _job_status(job["address"], job["job_id"], job["env"]).lower()
 
