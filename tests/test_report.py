@@ -1,6 +1,6 @@
 """The quality report's measures, and a report over a run folder built here row by row
 (so every expected figure is known by construction). Reports of real runs are checked in
-tests/e2e/test_pipeline_s3.py (S3 quickstart) and tests/e2e/test_webdocs_and_errors.py."""
+tests/e2e/test_pipeline_s3.py (the S3 run) and tests/e2e/test_ray_job.py (the webdocs job)."""
 
 from __future__ import annotations
 
