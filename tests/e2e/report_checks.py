@@ -3,53 +3,38 @@ straight from the run's files (not through bft), and the page in headless Chromi
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from .browser import render
 from .run_files import RunFiles
 
-STAGE_FOLDERS = {"filter": "filtered", "generate": "generated", "curate": "curated",
-                 "rewrite": "rewritten", "sft": "sft"}
 
-
-def _tables(fs, folder: str):
-    for path in sorted(fs.find(folder)):
-        if path.endswith(".parquet"):
-            with fs.open(path, "rb") as fh:
-                yield pq.read_table(fh)
-
-
-def counts_from_files(fs, run: str) -> dict:
-    """``fs``: an fsspec filesystem (local or s3fs); ``run``: the run folder on it."""
-    stats = [json.loads(fs.cat(p)) for p in fs.find(f"{run}/_stats/read") if p.endswith(".json")]
-    funnel = {"read": sum(s["rows_ok"] for s in stats)}
-    for stage, folder in STAGE_FOLDERS.items():
-        funnel[stage] = sum(t.num_rows for t in _tables(fs, f"{run}/{folder}"))
-    dropped = [row for t in _tables(fs, f"{run}/dropped") for row in t.to_pylist()]
-    scores = [s for t in _tables(fs, f"{run}/curated") for s in t.column("score").to_pylist()]
+def counts_from_files(files: RunFiles) -> dict:
+    """What report.json must say, from the run's files."""
+    dropped = files.dropped
+    scores = [r["score"] for r in files.kept["curate"]]
     scores += [r["score"] for r in dropped if r["stage"] == "curate" and r["score"] is not None]
     return {
-        "documents_in": sum(s["rows_seen"] for s in stats),
-        "funnel": funnel,
+        "documents_in": sum(s["rows_seen"] for s in files.stats.values()),
+        "funnel": {stage: entry["out"] for stage, entry in files.stage_counts().items()},
         "dropped": dict(Counter(r["reason"] for r in dropped)),
         "dropped_by_stage": {stage: dict(Counter(r["reason"] for r in dropped if r["stage"] == stage))
                              for stage in {r["stage"] for r in dropped}},
         "score_histogram": {str(s): scores.count(s) for s in range(1, 6)},
         "unparseable": sum(1 for r in dropped if r["reason"] == "unparseable_score"),
-        "responses": [r for t in _tables(fs, f"{run}/rewritten") for r in t.column("response").to_pylist()],
+        "responses": [r["response"] for r in files.kept["rewrite"]],
     }
 
 
 def check_report_against_files(report: dict, fs, run: str) -> None:
-    """report.json against the run's files; and the manifest too, on its own (the
-    report's "counts agree" compares the manifest with a tally made by the same code
-    that wrote the manifest, so it cannot stand in for an independent check)."""
-    RunFiles(fs, run).check_complete()
-    expected = counts_from_files(fs, run)
+    """report.json against the run's files (``fs``: local or s3fs; ``run``: the folder on
+    it); and the manifest too, on its own (the report's "counts agree" compares the
+    manifest with a tally made by the code that wrote it, so it cannot stand in for an
+    independent check)."""
+    files = RunFiles(fs, run)
+    files.check_complete()
+    expected = counts_from_files(files)
     assert report["documents_in"] == expected["documents_in"]
     assert report["funnel"] == expected["funnel"]
     assert report["dropped"] == expected["dropped"]

@@ -278,6 +278,7 @@ def test_rows_of_a_lost_sft_file_rejoin_at_sft(job, copy_of_run):
     assert final.manifest["resume"]["rows_entering_at"] == {"generate": 0, "curate": 0, "rewrite": 0,
                                                             "sft": lost_rows}
     final.check_complete()
+    final.check_nothing_lost()
     assert sorted(r["id"] for r in final.kept["sft"]) == sorted(r["id"] for r in before.kept["sft"])
 
 
