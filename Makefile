@@ -10,7 +10,7 @@ TINY   := .cache/tiny-model
 CHROMIUM ?= /usr/bin/chromium
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test test-unit venv clean
+.PHONY: demo test test-unit test-stock-ray venv clean
 
 venv: $(VENV)/.installed
 
@@ -34,7 +34,11 @@ demo: $(VENV)/.installed $(TINY)/config.json
 	$(BFT) run examples/quickstart.yaml --report
 
 test: $(VENV)/.installed $(TINY)/config.json $(CHROMIUM)
-	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs --durations=10
+	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs --durations=10 -m "not stock_ray"
+
+# The benchmark's small run with every arm, the stock-Ray ones too (CI runs it after `make test`).
+test-stock-ray: $(VENV)/.installed $(TINY)/config.json
+	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs -m stock_ray
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -v -m "not e2e"

@@ -1,12 +1,15 @@
-"""The two reference arms of the throughput benchmark, each run as its own process.
+"""The bare-engine arms of the throughput benchmark, each run as its own process.
 
-ceiling  One vLLM engine (``LLM``), started before the clock runs. For each stage, the
-         exact requests bft's run sent to that stage (rebuilt from the run's per-stage
-         Parquet with bft's own prompt builder and sampling) are submitted at once: the
-         speed the engine alone reaches on this work.
+ceiling  One vLLM engine (bft's own driver, ``engines/vllm_engine.py``), started before
+         the clock runs, fed every document's three-pass program at once (generate -> parse -> curate -> parse -> rewrite, each
+         document's next pass submitted when its previous one returns, with bft's own
+         prompts, sampling and parsers: ``bft.engines.programs``): the most this engine
+         can do with this work. Its clock is the programs alone.
 naive    What a user writes by hand: load the model, read the documents, and for each
          stage call ``LLM.generate`` on fixed-size batches, one after another, keep what
          parses, write the stage's Parquet, go on. The clock includes loading the model.
+
+Both take the documents bft's filters kept in the bft run of the same size.
 
 Usage: python benchmarks/engine_arms.py {ceiling,naive} --config C --run-dir R --out J [--set k=v ...]
 """
@@ -14,6 +17,7 @@ Usage: python benchmarks/engine_arms.py {ceiling,naive} --config C --run-dir R -
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -24,101 +28,109 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bft.config import BftConfig, load_config
-from bft.engine import engine_kwargs
-from bft.filters.base import Drop
-from bft.pipeline import LLM_STEPS, load_templates
-from bft.schema import PREVIOUS_STAGE, STAGE_DIRS
-from bft.steps.llm import build_request
+from bft.engines.programs import Passes, run_passes
+from bft.engines.vllm_engine import engine_kwargs, generate, sampling_params, start_engine
+from bft.planning import load_templates
+from bft.stages import FOLDERS, LLM_STAGES, STEPS
+from bft.steps.llm import EngineReply, build_request, outcome
 from bft.storage import Storage, join
 from bft.writers.parquet import parquet_files
 
 
-def stage_input(cfg: BftConfig, run_dir: str, stage: str) -> list[dict]:
-    """Rows that entered ``stage`` in the bft run (its previous stage's kept rows)."""
+def documents(cfg: BftConfig, run_dir: str) -> list[dict]:
+    """The documents that entered generate in the bft run (its filter's kept rows)."""
     storage = Storage(cfg.storage)
-    folder = join(run_dir, STAGE_DIRS[PREVIOUS_STAGE[stage]])
     tables = []
-    for uri in sorted(parquet_files(storage, folder)):
+    for uri in sorted(parquet_files(storage, join(run_dir, FOLDERS["filter"]))):
         with storage.open(uri, "rb") as fh:
             tables.append(pq.read_table(fh))
     rows = pa.concat_tables(tables, promote_options="default").to_pylist() if tables else []
     return sorted(rows, key=lambda r: (r["source"], r["source_row"]))
 
 
-def load_engine(cfg: BftConfig) -> Any:
-    """One engine for all stages: the benchmark compares one model used three times."""
-    stages = [getattr(cfg, step.NAME) for step in LLM_STEPS]
+def one_engine(cfg: BftConfig) -> Any:
+    """The stage settings of the one engine all passes use (the benchmark compares one
+    model used three times)."""
+    stages = [cfg.llm_stage(name) for name in LLM_STAGES]
     if len({(s.model, json.dumps(engine_kwargs(s), sort_keys=True)) for s in stages}) != 1:
         raise SystemExit("the benchmark needs the same model and engine_kwargs for generate, curate and rewrite")
     os.environ.update(stages[0].env_vars)  # before vLLM is imported: it reads them at import
+    return stages[0]
+
+
+def empty_counts() -> dict[str, dict[str, Any]]:
+    return {name: {"rows_in": 0, "rows_out": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+            for name in LLM_STAGES}
+
+
+def count_reply(counts: dict[str, Any], reply: EngineReply) -> None:
+    counts["rows_in"] += 1
+    counts["prompt_tokens"] += reply.prompt_tokens or 0
+    counts["completion_tokens"] += reply.completion_tokens or 0
+    counts["cached_tokens"] += reply.cached_tokens or 0
+
+
+def ceiling(cfg: BftConfig, rows: list[dict]) -> dict[str, Any]:
+    stage = one_engine(cfg)
+    passes = Passes(LLM_STAGES, cfg, load_templates(cfg))
+    counts = empty_counts()
+
+    async def main() -> tuple[float, float]:
+        started = time.perf_counter()
+        engine = start_engine(stage)
+        startup = time.perf_counter() - started
+        ids = iter(range(10**9))
+
+        async def submit(name: str, request: dict[str, Any]) -> EngineReply:
+            reply = await generate(engine, str(next(ids)), request)
+            count_reply(counts[name], reply)
+            return reply
+
+        def on_result(name: str, kept: bool, _record: dict, _started: float) -> None:
+            counts[name]["rows_out"] += int(kept)
+
+        clock = time.perf_counter()
+        await asyncio.gather(*(run_passes(row, 0, passes, submit, on_result) for row in rows))
+        wall = time.perf_counter() - clock
+        engine.shutdown()
+        return startup, wall
+
+    startup, wall = asyncio.run(main())
+    return {"stages": counts, "wall_s": wall, "engine_startup_s": round(startup, 2)}
+
+
+def naive(cfg: BftConfig, rows: list[dict], out_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    stage_cfg = one_engine(cfg)
     from vllm import LLM
 
-    return LLM(model=stages[0].model, **engine_kwargs(stages[0]))
-
-
-def sampling(params: dict[str, Any]) -> Any:
-    from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
-
-    params = dict(params)
-    structured = params.pop("structured_outputs", None)
-    if structured:
-        params["structured_outputs"] = StructuredOutputsParams(**structured)
-    return SamplingParams(**params)
-
-
-def generate(llm: Any, requests: list[dict]) -> tuple[list[Any], dict[str, Any]]:
-    """Run ``requests`` through the engine at once; outputs and their token counts."""
-    started = time.perf_counter()
-    outputs = llm.generate([r["prompt"] for r in requests], [sampling(r["sampling_params"]) for r in requests],
-                           use_tqdm=False) if requests else []
-    return outputs, {"wall_s": time.perf_counter() - started,
-                     "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
-                     "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
-
-
-def add(total: dict[str, Any], part: dict[str, Any]) -> None:
-    for key, value in part.items():
-        total[key] = total.get(key, 0) + value
-
-
-def ceiling(cfg: BftConfig, run_dir: str, llm: Any) -> dict[str, Any]:
+    llm = LLM(model=stage_cfg.model, **engine_kwargs(stage_cfg))
+    startup = time.perf_counter() - started
     templates = load_templates(cfg)
-    stages = {}
-    for step in LLM_STEPS:
-        rows = stage_input(cfg, run_dir, step.NAME)
-        requests = [build_request(row, step, cfg, templates) for row in rows]
-        _, measured = generate(llm, requests)
-        stages[step.NAME] = {"rows_in": len(rows), **measured}
-    return {"stages": stages}
-
-
-def naive(cfg: BftConfig, run_dir: str, llm: Any, out_dir: Path) -> dict[str, Any]:
-    templates = load_templates(cfg)
-    started = time.perf_counter()
-    # The documents bft's filters kept: filtering is not what this arm measures.
-    rows = stage_input(cfg, run_dir, "generate")
-    stages = {"read": {"wall_s": time.perf_counter() - started, "rows_out": len(rows)}}
+    counts = empty_counts()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for step in LLM_STEPS:
-        stage_cfg = getattr(cfg, step.NAME)
-        measured: dict[str, Any] = {"rows_in": len(rows)}
-        stage_started = time.perf_counter()
-        kept = []
-        for i in range(0, len(rows), stage_cfg.batch_size):
-            chunk = rows[i:i + stage_cfg.batch_size]
-            outputs, counts = generate(llm, [build_request(row, step, cfg, templates) for row in chunk])
-            add(measured, {k: v for k, v in counts.items() if k != "wall_s"})
+    for name in LLM_STAGES:
+        step, stage = STEPS[name], cfg.llm_stage(name)
+        kept_rows = []
+        for i in range(0, len(rows), stage.batch_size):
+            chunk = rows[i:i + stage.batch_size]
+            requests = [build_request(row, step, cfg, templates) for row in chunk]
+            outputs = llm.generate([r["prompt"] for r in requests],
+                                   [sampling_params(r["sampling_params"], final_only=False) for r in requests],
+                                   use_tqdm=False)
             for row, output in zip(chunk, outputs):
-                parsed = step.parse(output.outputs[0].text, stage_cfg)
-                if not isinstance(parsed, Drop):
-                    kept.append({**row, **parsed})
-        if kept:
-            pq.write_table(pa.Table.from_pylist(kept), out_dir / f"{step.NAME}.parquet")
-        measured.update(rows_out=len(kept), wall_s=time.perf_counter() - stage_started)
-        stages[step.NAME] = measured
-        rows = kept
-    return {"stages": stages}
+                reply = EngineReply(text=output.outputs[0].text, prompt_tokens=len(output.prompt_token_ids),
+                                    completion_tokens=len(output.outputs[0].token_ids),
+                                    cached_tokens=output.num_cached_tokens)
+                kept, record = outcome(row, step, stage, reply)
+                count_reply(counts[name], reply)
+                counts[name]["rows_out"] += int(kept)
+                if kept:
+                    kept_rows.append(record)
+        if kept_rows:
+            pq.write_table(pa.Table.from_pylist(kept_rows), out_dir / f"{name}.parquet")
+        rows = kept_rows
+    return {"stages": counts, "wall_s": time.perf_counter() - started, "engine_startup_s": round(startup, 2)}
 
 
 def main() -> None:
@@ -130,14 +142,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    started = time.perf_counter()
-    llm = load_engine(cfg)
-    startup = time.perf_counter() - started
+    rows = documents(cfg, args.run_dir)
     if args.arm == "ceiling":
-        result = ceiling(cfg, args.run_dir, llm)
+        result = ceiling(cfg, rows)
     else:
-        result = naive(cfg, args.run_dir, llm, Path(args.out).with_suffix("") / "parquet")
-    result["engine_startup_s"] = round(startup, 2)
+        result = naive(cfg, rows, Path(args.out).with_suffix("") / "parquet")
+    result["docs"] = len(rows)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--timeout", type=int, default=7200, help="seconds per cell")
     for size in MODEL_SIZES:
         p.add_argument(f"--{size}", type=int, help="random model size (see throughput.py)")
+    p.add_argument("--arms", help="comma-separated arms (default: all; see throughput.py)")
     p.add_argument("--set", action="append", default=[], dest="overrides", help="bft config override")
     p.add_argument("--no-run", action="store_true", help="only plot the results already in --results-dir")
     args = p.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     params = {"DOCS": args.docs, "SCALE": args.scale, "MODEL": args.model, "CONFIG": args.config,
               "INPUT": args.input, "MODEL_ARGS": model_args,
-              "EXTRA_ARGS": [a for o in args.overrides for a in ("--set", o)],
+              "EXTRA_ARGS": [a for o in args.overrides for a in ("--set", o)] + (["--arms", args.arms] if args.arms else []),
               "RESULTS": str(results_dir / "throughput.json"), "WORK": str(Path(args.work).resolve()), "RUN": not args.no_run}
     nb = nbformat.read(HERE / "throughput.ipynb", as_version=4)
     inject(nb, params)

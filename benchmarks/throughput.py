@@ -1,16 +1,21 @@
-"""Throughput benchmark: bft against a bare engine (ceiling) and a hand-written loop (naive).
+"""Throughput benchmark: bft against the engine alone, a hand-written loop and stock Ray.
 
-For each size (N documents, then 10·N), in this order, each arm in its own child process:
+For each size (N documents, then 10·N), in this order, each arm in its own child process,
+on the same documents, model, prompts and sampling:
 
-  bft      ``bft run benchmarks/throughput.yaml``: the full pipeline, Ray and all;
-  ceiling  one vLLM engine, the exact requests bft sent to each stage, all at once;
-  naive    one vLLM engine, stage after stage in fixed-size synchronous batches.
+  bft            ``bft run benchmarks/throughput.yaml``: the full pipeline, default layout
+                 (one shared engine pool for the three passes);
+  bft_per_stage  the same with ``engine.sharing=per_stage`` (a ray.data.llm pool per stage);
+  ray_chain      three stock ray.data.llm processors chained as Ray's documentation shows;
+  ray_serve      one Ray Serve LLM deployment shared by three ray.data.llm processors;
+  naive          one vLLM engine, stage after stage in fixed-size synchronous batches;
+  ceiling        one bare vLLM async engine fed every document's three-pass program at once.
 
-Per arm and stage: documents/s, prompt and completion tokens/s, wall time; per arm:
-peak memory of the process tree (driver, workers). Ratios bft ÷ ceiling and
-bft ÷ naive are end to end: documents ÷ wall time of the whole command for bft and
-naive (start-up included, as a user waits for it) and ÷ the engine's generate time for
-the ceiling (no start-up: the engine alone). Results: one JSON file (see README.md here).
+Per arm and stage: documents/s, prompt and completion tokens/s, wall time; per arm: peak
+memory of the process tree (driver, workers). Ratios bft ÷ other arm are end to end:
+documents ÷ wall time of the whole command (start-up included, as a user waits for it),
+and ÷ the engine's time for the ceiling (no start-up: the engine alone). Results: one JSON
+file (see README.md here).
 
     python benchmarks/throughput.py --docs 32 --out benchmarks/results/throughput.json
 """
@@ -32,13 +37,23 @@ from typing import Any
 from corpus import corpus_docs, synthetic_docs, write_jsonl
 from memory import run_measured
 
+from bft.stages import LLM_STAGES
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-LLM_STAGES = ("generate", "curate", "rewrite")
 # The bft command of this environment (next to its python, as in a venv), else on PATH.
 BFT = str(Path(sys.executable).with_name("bft")) if Path(sys.executable).with_name("bft").exists() \
     else shutil.which("bft") or "bft"
-TARGETS = {"bft_over_ceiling": 0.9, "bft_over_naive": 1.5, "memory_10x_over_1x": 1.2}
+ARMS = ("bft", "bft_per_stage", "ray_chain", "ray_serve", "naive", "ceiling")
+# Arms compared with bft in the ratios (bft ÷ arm).
+OTHERS = ARMS[1:]
+RAY_ARMS = ("ray_chain", "ray_serve")  # ray_arms.py; the others but bft's: engine_arms.py
+# Arms that start one engine per stage on the same devices (--split-set applies to them).
+SPLIT_ARMS = ("bft_per_stage", "ray_chain")
+TARGETS = {"bft_over_ceiling": 0.9, "bft_over_naive": 1.5, "bft_over_ray_chain": 1.5, "memory_10x_over_1x": 1.2,
+           "prefix_cache_hit_share": 0.5}
+# Lower is better for these targets; higher for the others.
+AT_MOST = ("memory_10x_over_1x",)
 
 
 def build_model(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -77,42 +92,57 @@ def rates(entry: dict[str, Any], docs: int | None = None) -> dict[str, Any]:
 
 
 def totals(stages: dict[str, dict]) -> dict[str, int]:
-    return {f"{k}_tokens": sum(stages[s].get(f"{k}_tokens", 0) for s in LLM_STAGES) for k in ("prompt", "completion")}
+    return {f"{k}_tokens": sum(stages[s].get(f"{k}_tokens") or 0 for s in LLM_STAGES)
+            for k in ("prompt", "completion", "cached")}
 
 
-def run_bft(config: Path, overrides: list[str], work: Path, docs: int) -> dict[str, Any]:
-    out = work / "bft"
-    cmd = [BFT, "run", str(config), "--run-id", "bench", "--force",
-           "--set", f"output.uri={out}", *[a for o in overrides for a in ("--set", o)]]
-    measured = run_measured(cmd, work / "bft.log")
+def cache_share(stages: dict[str, dict], names: tuple[str, ...] = ("curate", "rewrite")) -> float | None:
+    """Cached ÷ all prompt tokens of ``names`` (the passes that can reuse a document's prefix)."""
+    cached = [stages[s].get("cached_tokens") for s in names]
+    prompt = sum(stages[s]["prompt_tokens"] for s in names)
+    return round(sum(cached) / prompt, 4) if None not in cached and prompt else None
+
+
+def run_bft(arm: str, config: Path, overrides: list[str], work: Path, docs: int) -> dict[str, Any]:
+    out = work / arm
+    extra = ["--set", "engine.sharing=per_stage"] if arm == "bft_per_stage" else []
+    cmd = [BFT, "run", str(config), "--run-id", "bench", "--force", "--set", f"output.uri={out}",
+           *[a for o in overrides for a in ("--set", o)], *extra]
+    measured = run_measured(cmd, work / f"{arm}.log")
     manifest = json.loads((out / "bench" / "manifest.json").read_text())
     if not manifest["reconciled"]:
-        raise SystemExit(f"bft run did not reconcile: {manifest['reconciliation_problems']}")
+        raise SystemExit(f"{arm}: bft run did not reconcile: {manifest['reconciliation_problems']}")
     stages = {}
     for name in LLM_STAGES:
         s = manifest["stages"][name]
         stages[name] = rates({"rows_in": s["in"], "rows_out": s["out"], "wall_s": s["wall_s"],
-                              "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"]})
+                              "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
+                              "cached_tokens": s["cached_prompt_tokens"]})
     result = rates({**measured, **totals(stages), "pipeline_wall_s": manifest["wall_s"]}, docs)
-    result["stages"] = stages
-    result["final_rows"] = manifest["final_rows"]
+    result.update(stages=stages, final_rows=manifest["final_rows"], engines=manifest["engines"],
+                  prefix_cache_hit_share=cache_share(stages))
     return result
 
 
-def run_engine_arm(arm: str, config: Path, overrides: list[str], work: Path, docs: int) -> dict[str, Any]:
+def run_arm(arm: str, config: Path, overrides: list[str], work: Path, docs: int) -> dict[str, Any]:
+    """ceiling, naive (engine_arms.py), ray_chain or ray_serve (ray_arms.py), on the
+    documents the bft run of this size kept."""
     out = work / f"{arm}.json"
-    cmd = [sys.executable, str(HERE / "engine_arms.py"), arm, "--config", str(config),
-           "--run-dir", str(work / "bft" / "bench"), "--out", str(out), *[a for o in overrides for a in ("--set", o)]]
+    script = "ray_arms.py" if arm in RAY_ARMS else "engine_arms.py"
+    cmd = [sys.executable, str(HERE / script), arm, "--config", str(config), "--run-dir", str(work / "bft" / "bench"),
+           "--out", str(out), *[a for o in overrides for a in ("--set", o)]]
     measured = run_measured(cmd, work / f"{arm}.log")
     inner = json.loads(out.read_text())
-    stages = {name: rates(inner["stages"][name]) for name in LLM_STAGES}
-    result = {**measured, **totals(stages), "engine_startup_s": inner["engine_startup_s"]}
+    stages = inner["stages"]
+    result = {**measured, **totals(stages)}
     if arm == "ceiling":
-        # The engine alone: the sum of its generate calls, no start-up, no I/O.
-        result["process_wall_s"] = result["wall_s"]
-        result["wall_s"] = sum(stages[s]["wall_s"] for s in LLM_STAGES)
+        # The engine alone: its programs from first request to last reply, no start-up, no I/O.
+        result.update(process_wall_s=result["wall_s"], wall_s=inner["wall_s"])
     result = rates(result, docs)
-    result["stages"] = stages
+    result.update(stages=stages, prefix_cache_hit_share=cache_share(stages) if arm not in RAY_ARMS else None)
+    for key in ("engine_startup_s", "final_rows"):
+        if key in inner:
+            result[key] = inner[key]
     return result
 
 
@@ -120,16 +150,14 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
+def ratio_key(arm: str) -> str:
+    return f"bft_over_{arm.removeprefix('bft_')}"
+
+
 def compare(arms: dict[str, dict]) -> dict[str, Any]:
+    """bft ÷ each other arm, documents/s end to end."""
     bft = arms["bft"]
-    out: dict[str, Any] = {}
-    for other in ("ceiling", "naive"):
-        if other not in arms:
-            continue
-        out[f"bft_over_{other}"] = ratio(bft["docs_per_s"], arms[other]["docs_per_s"])
-        out[f"bft_over_{other}_by_stage"] = {
-            s: ratio(bft["stages"][s]["docs_per_s"], arms[other]["stages"][s]["docs_per_s"]) for s in LLM_STAGES}
-    return out
+    return {ratio_key(other): ratio(bft["docs_per_s"], arms[other]["docs_per_s"]) for other in OTHERS if other in arms}
 
 
 def marginal(runs: list[dict]) -> dict[str, Any]:
@@ -143,9 +171,9 @@ def marginal(runs: list[dict]) -> dict[str, Any]:
     speed = {arm: extra / (big["arms"][arm]["wall_s"] - small["arms"][arm]["wall_s"])
              for arm in big["arms"] if big["arms"][arm]["wall_s"] > small["arms"][arm]["wall_s"]}
     out: dict[str, Any] = {"marginal_docs_per_s": {arm: round(v, 3) for arm, v in speed.items()}}
-    for other in ("ceiling", "naive"):
+    for other in OTHERS:
         if other in speed and "bft" in speed:
-            out[f"bft_over_{other}_marginal"] = ratio(speed["bft"], speed[other])
+            out[f"{ratio_key(other)}_marginal"] = ratio(speed["bft"], speed[other])
     return out
 
 
@@ -191,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=10, help="second size = scale x N; 1 = no scaling run (default 10)")
     p.add_argument("--doc-chars", type=int, default=1200, help="length of each synthetic document")
     p.add_argument("--input", help="JSONL/Parquet documents to use instead of synthetic ones (first N, then scale x N)")
-    p.add_argument("--arms", default="bft,ceiling,naive", help="comma-separated subset of bft,ceiling,naive")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--config", default=str(HERE / "throughput.yaml"))
     p.add_argument("--model", help="model folder; default: build a random-weight model with the sizes below")
     p.add_argument("--hidden-size", type=int, default=512)
@@ -200,6 +228,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--set", action="append", default=[], dest="overrides", help="bft config override, for every arm")
+    p.add_argument("--split-set", action="append", default=[], dest="split_overrides",
+                   help=f"override for the arms with an engine per stage ({', '.join(SPLIT_ARMS)}), e.g. a third "
+                        f"of the GPU each: generate.resources.gpus_per_worker=0.33")
     p.add_argument("--work", default=str(ROOT / "out" / "benchmark" / "work"), help="scratch folder (replaced)")
     p.add_argument("--out", default=str(ROOT / "out" / "benchmark" / "throughput.json"))
     return p.parse_args(argv)
@@ -209,11 +240,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     if "bft" not in arms:
-        raise SystemExit("--arms must include bft: the other arms replay its requests")
+        raise SystemExit("--arms must include bft: the other arms take the documents its filters kept")
+    arms = ["bft", *[a for a in arms if a != "bft"]]
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     setup: dict[str, Any] = {"doc_chars": None if args.input else args.doc_chars, "input": args.input,
-                             "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides}
+                             "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides,
+                             "split_overrides": args.split_overrides}
     if args.model:
         model = Path(args.model)
         setup["model"] = str(model)
@@ -232,20 +265,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for arm in arms:
             print(f"[{n} docs] {arm} ...", flush=True)
-            if arm == "bft":
-                results[arm] = run_bft(Path(args.config), size_overrides, size_dir, n)
+            arm_overrides = size_overrides + (args.split_overrides if arm in SPLIT_ARMS else [])
+            if arm.startswith("bft"):
+                results[arm] = run_bft(arm, Path(args.config), arm_overrides, size_dir, n)
             else:
-                results[arm] = run_engine_arm(arm, Path(args.config), size_overrides, size_dir, n)
+                results[arm] = run_arm(arm, Path(args.config), arm_overrides, size_dir, n)
             r = results[arm]
+            if arm in RAY_ARMS and r["final_rows"] != results["bft"]["final_rows"]:
+                # These arms count each stage's rows and tokens from their final rows (a stock
+                # chain has no side output per stage): exact only when no row is dropped
+                # after filter, as with benchmarks/throughput.yaml (threshold 1, regexes).
+                raise SystemExit(f"{arm}: {r['final_rows']} final rows, bft {results['bft']['final_rows']}: "
+                                 f"its per-stage counts would be wrong; use a config that drops nothing")
             print(f"[{n} docs] {arm}: {r['wall_s']} s, {r['docs_per_s']} docs/s, "
                   f"{r['completion_tok_per_s']} completion tok/s, peak {r['peak_pss_total_mb']} MB", flush=True)
         runs.append({"docs": n, "arms": results, **compare(results)})
 
     last = runs[-1]
     report: dict[str, Any] = {
-        "bft_over_ceiling": last.get("bft_over_ceiling"),
-        "bft_over_naive": last.get("bft_over_naive"),
+        **{ratio_key(arm): last.get(ratio_key(arm)) for arm in OTHERS},
         "memory_10x_over_1x": None,
+        # default layout, largest size: cached ÷ prompt tokens of curate and rewrite
+        "prefix_cache_hit_share": last["arms"]["bft"]["prefix_cache_hit_share"],
         "targets": TARGETS,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -256,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report.update(scaling(runs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("bft_over_ceiling", "bft_over_naive", "memory_10x_over_1x")}))
+    print(json.dumps({k: report[k] for k in TARGETS}))
     print(f"results: {args.out}")
     return report
 

@@ -15,7 +15,7 @@ import json
 import pyarrow.parquet as pq
 
 from bft.config import StorageConfig
-from bft.schema import STAGE_DIRS
+from bft.stages import FOLDERS
 from bft.storage import Storage, join
 from bft.writers.parquet import FINISHED_KEY, STARTED_KEY, parquet_files
 
@@ -24,7 +24,7 @@ def batch_spans(run_uri: str, storage: Storage) -> dict[str, list[tuple[float, f
     manifest = json.loads(storage.read_bytes(join(run_uri, "manifest.json")))
     t0 = manifest["started_at"]
     spans: dict[str, list[tuple[float, float, int]]] = {}
-    for stage, folder in STAGE_DIRS.items():
+    for stage, folder in FOLDERS.items():
         for uri in parquet_files(storage, join(run_uri, folder)):
             with storage.open(uri, "rb") as fh:
                 meta = pq.ParquetFile(fh)

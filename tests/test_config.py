@@ -145,7 +145,8 @@ def test_readme_config_reference_matches_code():
 
 
 def test_engine_resources_follow_parallelism():
-    from bft.engine import placement_bundles, processor_config
+    from bft.engines.per_stage import processor_config
+    from bft.engines.vllm_engine import placement_bundles
 
     cfg = load_config(None, MODEL_SET + ["curate.engine_kwargs={tensor_parallel_size: 4, max_model_len: 4096}",
                                          "curate.resources.accelerator_type=H100", "curate.replicas=[2, 6]"])

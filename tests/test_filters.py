@@ -93,7 +93,7 @@ def test_dedup_actors_keep_first_copy_across_batches(ray_local):
 def test_token_budget_drops_documents_that_cannot_fit(tiny_model):
     from bft.config import load_config
     from bft.filters.token_length import check_token_lengths, token_budgets
-    from bft.pipeline import load_templates
+    from bft.planning import load_templates
 
     cfg = load_config(None, [f"model={tiny_model}", "generate.engine_kwargs.max_model_len=700",
                              "curate.engine_kwargs.max_model_len=700", "rewrite.engine_kwargs.max_model_len=2048",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
+
 from bft.config import StorageConfig
 from bft.steps.read import stats_uri
 from bft.storage import Storage
@@ -90,3 +92,33 @@ def test_retried_batch_overwrites_instead_of_duplicating(tmp_path):
     writer.write("filter", [dict(r) for r in rows], [], 2.0)
     assert len(list((run_uri / "filtered").iterdir())) == 1
     assert not list((run_uri / "filtered").glob("*.tmp-*"))
+
+
+def test_cached_prompt_tokens_are_summed_only_when_every_answered_row_has_them(tmp_path):
+    def rewrite_stage(run_uri: str, *cached: int | None) -> dict:
+        writer = StageWriter(STORAGE, run_uri)
+        writer.write("rewrite", [doc(i, response="a", rewrite_prompt_tokens=30, rewrite_cached_tokens=c)
+                                 for i, c in enumerate(cached)],
+                     [doc(8, reason="empty_output", detail="x", prompt_tokens=30, cached_tokens=20),
+                      # dropped without an engine reply (its batch failed): no tokens, not a gap
+                      doc(9, reason="batch_failed", detail="x")], 1.0)
+        return build_manifest(STORAGE, run_uri, run_id="r", config={}, started_at=0.0)["stages"]["rewrite"]
+
+    # kept and dropped rows count
+    assert rewrite_stage(str(tmp_path / "a"), 12, 12)["cached_prompt_tokens"] == 12 + 12 + 20
+    # one answered row that does not say (a ray.data.llm pool's): no partial sum passed off as whole
+    assert rewrite_stage(str(tmp_path / "b"), 12, None)["cached_prompt_tokens"] is None
+    # fake_run's rows say nothing of the prefix cache
+    fake_run(str(tmp_path / "c"))
+    stages = build_manifest(STORAGE, str(tmp_path / "c"), run_id="c", config={}, started_at=0.0)["stages"]
+    assert stages["generate"]["cached_prompt_tokens"] is None
+
+
+def test_a_batch_run_again_with_another_split_replaces_both_its_files(tmp_path):
+    run_uri = tmp_path / "run"
+    writer = StageWriter(STORAGE, str(run_uri))
+    rows = [doc(i, instruction="q", generate_prompt_tokens=1) for i in range(3)]
+    writer.write("generate", rows[:2], [dict(rows[2], reason="instruction_too_short", detail="x")], 1.0)
+    writer.write("generate", rows, [], 2.0, replace=True)  # the rerun keeps all three
+    kept = pq.read_table(run_uri / "generated").column("id").to_pylist()
+    assert sorted(kept) == ["d0", "d1", "d2"] and not list((run_uri / "dropped").glob("generate-*"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from bft.config import CurateConfig, GenerateConfig, RewriteConfig
 from bft.filters.base import Drop
 from bft.steps import curate, generate, rewrite
 
@@ -47,7 +46,7 @@ def test_score_failures(raw, reason):
 
 
 def test_threshold():
-    cfg = CurateConfig(threshold=4)
+    cfg = curate.Config(threshold=4)
     assert curate.parse("ok\nScore: 4", cfg) == {"score": 4, "curate_reasoning": "ok"}
     drop = curate.parse("meh\nScore: 3", cfg)
     assert isinstance(drop, Drop) and drop.reason == "below_threshold"
@@ -80,7 +79,7 @@ def test_response_failures(raw, reason):
 
 
 def test_min_response_chars():
-    drop = rewrite.parse("[RES]ok[/RES]", RewriteConfig(min_response_chars=5))
+    drop = rewrite.parse("[RES]ok[/RES]", rewrite.Config(min_response_chars=5))
     assert isinstance(drop, Drop) and drop.reason == "response_too_short"
 
 
@@ -105,5 +104,5 @@ def test_clean_instruction(raw, expected):
     ("x" * 700, "instruction_too_long"),
 ])
 def test_instruction_failures(raw, reason):
-    result = generate.parse(raw, GenerateConfig())
+    result = generate.parse(raw, generate.Config())
     assert isinstance(result, Drop) and result.reason == reason

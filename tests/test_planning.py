@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from bft import pipeline
+from bft import pipeline, planning
 from bft.cli import main
 from bft.config import StorageConfig, load_config
 from bft.readers import ColumnMapping, read_file
@@ -75,9 +75,9 @@ def test_an_unfinished_date_is_resumed_unless_forced(dated, caplog):
     config, runs = dated
     # An attempt that died after recording its start and its config, before any output.
     cfg = load_config(str(config), ["date=2026-11-22"])
-    templates = pipeline.load_templates(cfg)
+    templates = planning.load_templates(cfg)
     sha = {name: t.sha256 for name, t in templates.items()}
-    pipeline.plan_work(cfg, STORAGE, "died", str(runs / "died"), None, None, sha)
+    planning.plan_work(cfg, STORAGE, "died", str(runs / "died"), None, None, sha)
     STORAGE.write_bytes(str(runs / "_started" / "2026-11-22.json"), json.dumps({"run_id": "died"}).encode())
     with caplog.at_level("INFO", logger="bft"):
         assert bft_run(config) == 0
@@ -114,8 +114,8 @@ def finished(tmp_path, minimal_config_data):
                          for d in docs[:2]], [], 0.0)
     Path(tmp_path / "in.jsonl").write_text("")
     cfg = load_config(str(_config(tmp_path, minimal_config_data, runs)))
-    sha = {name: t.sha256 for name, t in pipeline.load_templates(cfg).items()}
-    pipeline.write_run_record(STORAGE, run, cfg, sha)
+    sha = {name: t.sha256 for name, t in planning.load_templates(cfg).items()}
+    planning.write_run_record(STORAGE, run, cfg, sha)
     return tmp_path, runs, run, sha
 
 
@@ -140,7 +140,7 @@ def test_from_stage_in_place_clears_that_stage_on_and_reads_the_one_before(finis
     tmp_path, runs, run, sha = finished
     kept = {folder: files(run, folder) for folder in ("filtered", "generated", "curated") if folder not in cleared}
     cfg = load_config(str(_config(tmp_path, minimal_config_data, runs)), ["curate.threshold=2"])
-    plan = pipeline.plan_work(cfg, STORAGE, "r1", run, stage, None, sha)
+    plan = planning.plan_work(cfg, STORAGE, "r1", run, stage, None, sha)
     assert plan.stages[0] == stage and plan.input_files == [] and plan.manifest_start == "read"
     assert [Path(f).parent.name for f in plan.entries[stage]] == [previous]
     assert plan.first_stage_input == pq.read_table(Path(run, previous)).num_rows
@@ -157,7 +157,7 @@ def test_from_stage_of_another_run_leaves_that_run_alone(finished, minimal_confi
     tmp_path, runs, run, sha = finished
     before = {folder: files(run, folder) for folder in ("generated", "curated", "rewritten", "sft")}
     cfg = load_config(str(_config(tmp_path, minimal_config_data, runs)))
-    plan = pipeline.plan_work(cfg, STORAGE, "r2", str(runs / "r2"), "curate", "r1", sha)
+    plan = planning.plan_work(cfg, STORAGE, "r2", str(runs / "r2"), "curate", "r1", sha)
     assert plan.manifest_start == "curate" and plan.first_stage_input == 3
     assert all(f.startswith(f"{run}/generated/") for f in plan.entries["curate"])
     assert {folder: files(run, folder) for folder in before} == before
@@ -170,8 +170,8 @@ def test_from_stage_filter_in_place_reads_the_input_again(finished, minimal_conf
     STORAGE.write_bytes(stats_uri(run, str(tmp_path / "in.jsonl")),
                         json.dumps({"source": str(tmp_path / "in.jsonl"), "rows_seen": 1}).encode())
     cfg = load_config(str(_config(tmp_path, minimal_config_data, runs)), ["filters.min_chars=5"])
-    plan = pipeline.plan_work(cfg, STORAGE, "r1", run, "filter", None, sha)
+    plan = planning.plan_work(cfg, STORAGE, "r1", run, "filter", None, sha)
     assert plan.input_files == [str(tmp_path / "in.jsonl")] and plan.stages[0] == "filter"
     assert all(files(run, folder) == [] for folder in ("filtered", "generated", "curated", "rewritten", "sft"))
     with pytest.raises(ValueError, match="--from-stage filter reads the input again"):
-        pipeline.plan_work(cfg, STORAGE, "r3", str(runs / "r3"), "filter", "r1", sha)
+        planning.plan_work(cfg, STORAGE, "r3", str(runs / "r3"), "filter", "r1", sha)

@@ -198,7 +198,7 @@ def test_preflight_looks_past_a_damaged_first_file_only_when_skipping(tmp_path, 
     import yaml
 
     from bft.config import load_config
-    from bft.pipeline import preflight
+    from bft.planning import preflight
 
     bad = tmp_path / "a-bad.parquet"
     bad.write_bytes(b"not parquet at all")

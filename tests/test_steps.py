@@ -7,11 +7,13 @@ import pyarrow.parquet as pq
 
 from bft.config import load_config
 from bft.context import RunContext
-from bft.pipeline import load_templates
-from bft.schema import DOC_COLUMNS, FILTERED_COLUMNS, GENERATED_COLUMNS, to_table
+from bft.engines.per_stage import finish_batch
+from bft.planning import load_templates
+from bft.schema import DOC_COLUMNS, FILTERED_COLUMNS, to_table
+from bft.stages import COLUMNS
 from bft.steps import curate
 from bft.steps.filter import filter_documents
-from bft.steps.llm import build_request, finish_batch
+from bft.steps.llm import build_request
 from bft.storage import Storage
 
 GOOD = ("Repotting a plant is easiest in spring, when new growth helps it recover. Choose a pot "
@@ -63,7 +65,7 @@ def test_llm_request_and_parse_round_trip(tmp_path, tiny_model):
         {**row, **engine_out, "id": "d4", "text": GOOD + " 4", "generated_text": "",
          "__inference_error__": "EngineDeadError: boom"},
     ]
-    kept = finish_batch(pa.Table.from_pylist(rows), curate, ctx)
+    kept = finish_batch(pa.Table.from_pylist(rows), "curate", ctx)
     assert kept.column("id").to_pylist() == ["d1"]
     assert kept.column("score").to_pylist() == [5] and kept.column("curate_prompt_tokens").to_pylist() == [300]
     dropped = {r["id"]: r for r in pq.read_table(tmp_path / "run" / "dropped").to_pylist()}
@@ -72,4 +74,4 @@ def test_llm_request_and_parse_round_trip(tmp_path, tiny_model):
     assert dropped["d2"]["score"] == 2 and dropped["d2"]["raw_output"] == "Meh.\nScore: 2"
     assert "EngineDeadError" in dropped["d4"]["detail"] and dropped["d4"]["instruction"]
     assert pq.read_table(tmp_path / "run" / "curated").num_rows == 1
-    assert set(GENERATED_COLUMNS) <= set(kept.schema.names)
+    assert set(COLUMNS["generate"]) <= set(kept.schema.names)

@@ -66,7 +66,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(f"run {result.run_id}: {manifest['final_rows']} SFT examples in {manifest['wall_s']:.1f} s")
     print(_summary(manifest))
-    print(f"outputs:  {result.run_uri}/  (filtered/ generated/ curated/ rewritten/ sft/ dropped/)")
+    from bft.stages import FOLDERS
+    from bft.writers.parquet import DROPPED_DIR
+
+    folders = " ".join(f"{folder}/" for folder in [*FOLDERS.values(), DROPPED_DIR])
+    print(f"outputs:  {result.run_uri}/  ({folders})")
     print(f"final dataset: {result.run_uri}/sft/")
     if args.report and (status := _report_after_run(cfg.storage, result.run_uri, cfg.report)):
         return status
@@ -150,7 +154,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bft.config import STAGES
+    from bft.stages import RESTARTABLE as STAGES
 
     parser = argparse.ArgumentParser(prog="bft", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bft {__version__}")

@@ -2,8 +2,9 @@
 
 Templates live in ``bft/templates/`` and any stage can point at its own file instead
 (``generate.prompt_template: my_prompt.txt``), so prompts change without touching
-Python. Placeholders are ``{{document}}`` and ``{{instruction}}``; they are replaced
-literally, so braces inside web documents are never interpreted.
+Python. Placeholders are the names a stage fills (``{{document}}``, and ``{{instruction}}``
+after generate; each step declares its ``PLACEHOLDERS``); they are replaced literally, so
+braces inside web documents are never interpreted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from pathlib import Path
 
 SECTION_RE = re.compile(r"^###\s*(system|user)\s*$", re.MULTILINE)
 PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
-KNOWN_PLACEHOLDERS = {"document", "instruction"}
+# Tags a template frames its values with (<document>...</document>, <request>).
+TAG_RE = re.compile(r"</?\s*([A-Za-z][\w-]*)\s*>")
+# What a look-alike tag inside a value starts with instead of "<" (single left angle
+# quotation mark): the text reads the same, but cannot close the template's own block.
+DEFUSED = "\u2039"
 
 
 class TemplateError(ValueError):
@@ -38,11 +43,24 @@ class PromptTemplate:
     def placeholders(self) -> set[str]:
         return set(PLACEHOLDER_RE.findall((self.system or "") + self.user))
 
+    @property
+    def frame_tags(self) -> set[str]:
+        """Names of the tags the template itself writes (``document``, ``request``)."""
+        return {name.lower() for name in TAG_RE.findall((self.system or "") + self.user)}
+
     def messages(self, **values: str) -> list[dict[str, str]]:
-        """Render to chat messages, filling placeholders with ``values``."""
+        """Render to chat messages, filling placeholders with ``values``. Web text cannot
+        end the block it sits in: a tag in a value that the template also writes (a page
+        holding ``</document>`` and a task of its own) is defused (its ``<`` replaced)."""
+        tags = self.frame_tags
+        look_alike = re.compile(r"<(?=\s*/?\s*(?:%s)\b)" % "|".join(map(re.escape, sorted(tags))),
+                                re.IGNORECASE) if tags else None
+
+        def safe(value: str) -> str:
+            return look_alike.sub(DEFUSED, value) if look_alike else value
 
         def fill(text: str) -> str:
-            return PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], text)
+            return PLACEHOLDER_RE.sub(lambda m: safe(values[m.group(1)]), text)
 
         out = []
         if self.system:
@@ -51,9 +69,10 @@ class PromptTemplate:
         return out
 
 
-def parse_template(text: str, source: str, required: set[str]) -> PromptTemplate:
-    """Parse template text; ``required`` placeholders must all appear. ``text`` is the
-    file decoded as is (no newline translation), so its hash is the file's."""
+def parse_template(text: str, source: str, required: set[str], allowed: set[str]) -> PromptTemplate:
+    """Parse template text; ``required`` placeholders must all appear, and no other than
+    ``allowed`` may. ``text`` is the file decoded as is (no newline translation), so its
+    hash is the file's."""
     sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     text = text.replace("\r\n", "\n")  # a file saved on Windows renders the same prompt
     sections: dict[str, str] = {}
@@ -70,11 +89,11 @@ def parse_template(text: str, source: str, required: set[str]) -> PromptTemplate
         raise TemplateError(f"{source}: the '### user' section is missing or empty")
     template = PromptTemplate(source=source, system=sections.get("system") or None,
                               user=sections["user"], sha256=sha256)
-    unknown = template.placeholders - KNOWN_PLACEHOLDERS
+    unknown = template.placeholders - allowed
     if unknown:
         raise TemplateError(
             f"{source}: unknown placeholder(s) {sorted(unknown)}; "
-            f"allowed: {sorted(KNOWN_PLACEHOLDERS)}"
+            f"allowed: {sorted(allowed)}"
         )
     missing = required - template.placeholders
     if missing:
@@ -82,11 +101,11 @@ def parse_template(text: str, source: str, required: set[str]) -> PromptTemplate
     return template
 
 
-def load_template(stage: str, path: str | None, required: set[str]) -> PromptTemplate:
+def load_template(stage: str, path: str | None, required: set[str], allowed: set[str]) -> PromptTemplate:
     """Load a stage's template: the file at ``path``, or the built-in one."""
     if path is None:
         data = resources.files("bft.templates").joinpath(f"{stage}.txt").read_bytes()
-        return parse_template(data.decode("utf-8"), f"builtin:{stage}.txt", required)
+        return parse_template(data.decode("utf-8"), f"builtin:{stage}.txt", required, allowed)
     file = Path(path)
     if not file.is_file():
         raise TemplateError(f"{path}: prompt template file not found")
@@ -94,7 +113,7 @@ def load_template(stage: str, path: str | None, required: set[str]) -> PromptTem
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TemplateError(f"{path}: not UTF-8 text ({exc})") from None
-    return parse_template(text, str(file), required)
+    return parse_template(text, str(file), required, allowed)
 
 
 def builtin_template_texts() -> list[str]:

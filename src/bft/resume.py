@@ -30,8 +30,9 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
-from bft.config import LLM_STAGES, BftConfig
-from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS, row_key
+from bft.config import BftConfig
+from bft.schema import row_key
+from bft.stages import FOLDERS, LLM_STAGES, ORDER, PREVIOUS
 from bft.steps.read import read_stats
 from bft.storage import Storage, join
 from bft.writers.parquet import DROPPED_DIR, parquet_files
@@ -39,7 +40,7 @@ from bft.writers.parquet import DROPPED_DIR, parquet_files
 RUN_RECORD = "_run/config.json"
 # Fields that change how a run is scheduled or reported, not what it produces: they may
 # differ between attempts of one run (e.g. resume on a bigger cluster).
-SCHEDULING_FIELDS = {"ray", "storage", "report", "input.rows_per_block", "filters.dedup_shards",
+SCHEDULING_FIELDS = {"ray", "storage", "report", "engine", "input.rows_per_block", "filters.dedup_shards",
                      *(f"{stage}.{name}" for stage in LLM_STAGES
                        for name in ("replicas", "batch_size", "max_concurrent_batches", "resources", "env_vars"))}
 _EMPTY = np.zeros(0, dtype=np.uint64)
@@ -96,7 +97,7 @@ class RunState:
         with how many such rows each holds."""
         done = self.finished.by_stage.get(stage, _EMPTY)
         counts = {uri: int((~contains(done, hashes)).sum())
-                  for uri, hashes in self.kept_files.get(PREVIOUS_STAGE[stage], {}).items()}
+                  for uri, hashes in self.kept_files.get(PREVIOUS[stage], {}).items()}
         return {uri: n for uri, n in counts.items() if n}
 
 
@@ -108,11 +109,11 @@ def _read_columns(storage: Storage, uri: str, columns: list[str]) -> dict[str, l
 
 def scan_run(storage: Storage, run_uri: str) -> RunState:
     """Read the keys of everything a run folder holds (two small columns per file)."""
-    finished: dict[str, list[np.ndarray]] = {stage: [] for stage in PIPELINE_ORDER}
+    finished: dict[str, list[np.ndarray]] = {stage: [] for stage in ORDER}
     kept_files: dict[str, dict[str, np.ndarray]] = {}
     per_source: Counter = Counter()
 
-    for stage, folder in STAGE_DIRS.items():
+    for stage, folder in FOLDERS.items():
         kept_files[stage] = {}
         for uri in parquet_files(storage, join(run_uri, folder)):
             cols = _read_columns(storage, uri, ["source", "source_row"])

@@ -1,7 +1,9 @@
-"""Column names and Arrow schemas of everything bft writes.
+"""Column sets and Arrow schemas that do not depend on which LLM stages a run has.
 
-Stage outputs are cumulative: each stage's Parquet holds the document columns plus the
-columns of every stage so far, so any stage directory is a complete restart point.
+The columns of each stage's Parquet are derived in ``stages.py`` from these and from what
+each LLM step declares. Stage outputs are cumulative: each stage's Parquet holds the
+document columns plus the columns of every stage so far, so any stage directory is a
+complete restart point.
 """
 
 from __future__ import annotations
@@ -19,51 +21,22 @@ DOC_COLUMNS = {
 
 FILTERED_COLUMNS = {**DOC_COLUMNS, "n_chars": pa.int64(), "n_tokens": pa.int64()}
 
-GENERATED_COLUMNS = {
-    **FILTERED_COLUMNS,
-    "instruction": pa.string(),
-    "generate_raw": pa.string(),
-    "generate_prompt_tokens": pa.int64(),
-    "generate_completion_tokens": pa.int64(),
-}
-
-CURATED_COLUMNS = {
-    **GENERATED_COLUMNS,
-    "score": pa.int64(),
-    "curate_reasoning": pa.string(),
-    "curate_raw": pa.string(),
-    "curate_prompt_tokens": pa.int64(),
-    "curate_completion_tokens": pa.int64(),
-}
-
-REWRITTEN_COLUMNS = {
-    **CURATED_COLUMNS,
-    "response": pa.string(),
-    "rewrite_raw": pa.string(),
-    "rewrite_prompt_tokens": pa.int64(),
-    "rewrite_completion_tokens": pa.int64(),
+# What every LLM stage records besides its own outputs (``<stage>_<suffix>``).
+LLM_RECORD_COLUMNS = {
+    "raw": pa.string(),  # the model's reply as it came
+    "prompt_tokens": pa.int64(),
+    "completion_tokens": pa.int64(),
+    # prompt tokens vLLM served from its prefix cache (null where the engine does not say)
+    "cached_tokens": pa.int64(),
 }
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
-SFT_COLUMNS = {
-    "messages": pa.list_(MESSAGE_TYPE),
-    "id": pa.string(),
-    "url": pa.string(),
-    "source": pa.string(),
-    "source_row": pa.int64(),
-    "score": pa.int64(),
-    "generate_model": pa.string(),
-    "curate_model": pa.string(),
-    "rewrite_model": pa.string(),
-    "generate_prompt_sha256": pa.string(),
-    "curate_prompt_sha256": pa.string(),
-    "rewrite_prompt_sha256": pa.string(),
-}
-
-# Every dropped row, whatever the stage. Nothing is lost: the text and whatever the
-# stage produced so far are kept, with the reason and a human-readable detail.
-DROPPED_COLUMNS = {
+# Every dropped row, whatever the stage (``stages.py`` adds, between ``text`` and
+# ``raw_output``, the outputs each LLM step keeps in its drop records: the instruction, the
+# score). Nothing is lost: the text and what the stages produced so far are kept, with the
+# reason and a human-readable detail.
+DROPPED_HEAD = {
     "id": pa.string(),
     "url": pa.string(),
     "source": pa.string(),
@@ -72,34 +45,13 @@ DROPPED_COLUMNS = {
     "reason": pa.string(),
     "detail": pa.string(),
     "text": pa.string(),
-    "instruction": pa.string(),
-    "score": pa.int64(),
+}
+DROPPED_TAIL = {
     "raw_output": pa.string(),
     "prompt_tokens": pa.int64(),
     "completion_tokens": pa.int64(),
+    "cached_tokens": pa.int64(),
 }
-
-# Output directory of each stage under <output>/<run_id>/.
-STAGE_DIRS = {
-    "filter": "filtered",
-    "generate": "generated",
-    "curate": "curated",
-    "rewrite": "rewritten",
-    "sft": "sft",
-}
-
-STAGE_COLUMNS = {
-    "filter": FILTERED_COLUMNS,
-    "generate": GENERATED_COLUMNS,
-    "curate": CURATED_COLUMNS,
-    "rewrite": REWRITTEN_COLUMNS,
-    "sft": SFT_COLUMNS,
-}
-
-# Stage order, with the stage each one reads from.
-PIPELINE_ORDER = ("read", "filter", "generate", "curate", "rewrite", "sft")
-PREVIOUS_STAGE = {"filter": "read", "generate": "filter", "curate": "generate",
-                  "rewrite": "curate", "sft": "rewrite"}
 
 
 def row_key(source: str, source_row: int) -> str:

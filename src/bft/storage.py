@@ -132,6 +132,18 @@ class Storage:
         with self.open(uri, "rb") as fh:
             return fh.read()
 
+    def read_if_exists(self, uri: str) -> bytes | None:
+        """The file's bytes, or ``None`` when there is none (asked of the store itself,
+        not of a listing cached earlier in this process)."""
+        fs = self.fs(uri)
+        path = self._path(uri)
+        fs.invalidate_cache(path)
+        try:
+            with fs.open(path, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write a file so that readers never see it half-written.
 
@@ -150,9 +162,13 @@ class Storage:
             fh.write(data)
         fs.mv(tmp, path)
 
-    def remove(self, uris: list[str]) -> None:
+    def remove(self, uris: list[str], missing_ok: bool = False) -> None:
         for uri in uris:
-            self.fs(uri).rm(self._path(uri))
+            try:
+                self.fs(uri).rm(self._path(uri))
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
 
     def check_writable(self, uri: str) -> None:
         """Fail early (before any model starts) when the output location is unusable."""

@@ -7,7 +7,7 @@ Equivalent to::
         -- python -m bft.cli run CONFIG ...
 
 The driver needs no GPU: every GPU need is a resource of the engine actor pools (see
-``engine.py``), which is what lets the Ray autoscaler add GPU nodes for them.
+``engines/``), which is what lets the Ray autoscaler add GPU nodes for them.
 """
 
 from __future__ import annotations

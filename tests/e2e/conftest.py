@@ -115,6 +115,13 @@ def children_of(pid: int) -> list[int]:
     return [child for child, fields in _proc_stats() if int(fields[1]) == pid]
 
 
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def is_running(pid: int) -> bool:
     """Alive and not a zombie."""
     return any(p == pid and fields[0] not in "ZX" for p, fields in _proc_stats())
@@ -131,35 +138,62 @@ def kill_session(sid: int) -> None:
                 pass
 
 
-# An engine actor with work in hand: vLLM (0.32) warns once per process when its first
-# request arrives, and logs its throughput every few seconds while it has requests.
-# Ray's prefix names the engine actor's process.
+# An engine actor with work in hand. A ray.data.llm replica (engine.sharing per_stage):
+# vLLM (0.32) warns once per process when its first request arrives, and logs its
+# throughput every few seconds while it has requests. A shared-pool replica: bft logs its
+# first request of each stage and each stage batch it writes. Ray's prefix names the
+# actor's process.
 WORKING_ENGINE = re.compile(r"pid=(\d+)\).*(Passing raw prompts to InputProcessor|"
-                            r"Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9]))")
-ENGINE_ACTOR = re.compile(r"\(MapWorker\(MapBatches\(vLLMEngineStageUDF\)\) pid=(\d+)")
+                            r"Engine 000: Avg prompt throughput.*(Running: [1-9]|Waiting: [1-9])|"
+                            r"bft\.engines\.shared: first \w+ request on this replica)")
+ENGINE_ACTOR = re.compile(r"\(MapWorker\(MapBatches\((?:vLLMEngineStageUDF|SharedEngine)\)\) pid=(\d+)")
+
+
+def shared_wrote(stage: str) -> re.Pattern:
+    """A shared-pool replica's line for a stage batch it wrote (after the batch's earlier
+    stages were written)."""
+    return re.compile(rf"pid=(\d+)\).*bft\.engines\.shared: wrote {stage} batch")
+
+
+# When a shared-pool replica logged a line (its log lines carry their time).
+LOGGED_AT = re.compile(r"\) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def logged_at(line: str) -> float | None:
+    match = LOGGED_AT.search(line)
+    if not match:
+        return None
+    stamp, millis = match.group(1).split(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
 
 
 @dataclass
 class EngineWatch:
-    """Engine actors in the order they got work (generate's first, then curate's, then
-    rewrite's: each gets rows only once the stage before has passed some on); kills the
-    ``kill_nth`` to get work (1 = the first) as it gets it, remembering its vLLM
-    engine-core process(es) and the output line at the kill."""
+    """Kills the ``kill_nth`` engine actor to print a ``trigger`` line (1 = the first; by
+    default, to get work: generate's first, then curate's, then rewrite's with a pool per
+    stage, each getting rows only once the stage before has passed some on), as it prints
+    it, remembering its vLLM engine-core process(es), the output line and the time of the
+    kill."""
 
     kill_nth: int = 1
+    trigger: re.Pattern = WORKING_ENGINE
     working: list[int] = field(default_factory=list)
     pid: int | None = None
     children: list[int] = field(default_factory=list)
+    child_commands: list[str] = field(default_factory=list)
     at_line: int | None = None
+    at_time: float | None = None
 
     def __call__(self, line: str, index: int) -> None:
-        match = WORKING_ENGINE.search(line)
+        match = self.trigger.search(line)
         if match and int(match.group(1)) not in self.working:
             self.working.append(int(match.group(1)))
             if len(self.working) == self.kill_nth:
                 self.pid, self.at_line = self.working[-1], index
                 self.children = children_of(self.pid)
+                self.child_commands = [command_of(pid) for pid in self.children]
                 os.kill(self.pid, signal.SIGKILL)
+                self.at_time = time.time()
 
 
 class BftProcess:

@@ -150,8 +150,10 @@ def drop_records(files: RunFiles) -> list[tuple]:
 
 
 def run_baseline(fs, s3_server, config: Path, tiny_model: Path, ray_tmp: Path) -> Baseline:
-    """The uninterrupted dated run, with its report."""
-    run = BftProcess(command(config, BASELINE_DATE, tiny_model, "--report"),
+    """The uninterrupted dated run, with its report, in the other engine layout (a
+    ``ray.data.llm`` pool per stage): the faults test's run in the default layout must end
+    with the same rows and drops."""
+    run = BftProcess(command(config, BASELINE_DATE, tiny_model, "--report", "--set", "engine.sharing=per_stage"),
                      {**env_for(s3_server, s3_server.endpoint), "RAY_TMPDIR": str(ray_tmp)})
     assert run.wait() == 0, run.output[-5000:]
     run_id = started_run(fs, BASELINE_DATE)

@@ -1,15 +1,19 @@
-"""Faults, for real: hostile input, and one dated run interrupted twice and resumed twice.
+"""Faults, for real: hostile input, and one dated run interrupted twice and resumed twice,
+in the default engine layout (one shared pool for generate, curate and rewrite); the
+uninterrupted baseline it must end like ran with a pool per stage.
 
 1. The driver is SIGKILLed once the first documents are filtered (the engines are still
    starting). Then a file holding a copy of a filtered document arrives in the input
    prefix, with one more past ``input.max_files``.
 2. The same command resumes it with ``ray.engine_batch_retries=0`` and
-   ``ray.max_failed_batches=0``; as the first rows reach rewrite, the rewrite engine actor
-   is SIGKILLed: its batch fails with no retry left, one failed batch more than tolerated,
-   so the run stops with a clear error.
+   ``ray.max_failed_batches=0``; as the engine replica writes its first curate batch (whose
+   rows go on to rewrite), it is SIGKILLed: its batches fail with no retry left, one failed
+   batch more than tolerated, so the run stops with a clear error.
 3. The same command again resumes it through an S3 endpoint that throttles, errors
-   (some writes five times in a row) and drops connections, and one busy engine actor is
-   SIGKILLed (replaced, its batch retried). It must end with the baseline's result.
+   (some writes five times in a row) and drops connections, and the engine replica is
+   SIGKILLed as it writes its first curate batch: Ray Data replaces it and retries its
+   batches, which read back what they had written and go on from there. It must end with
+   the baseline's result.
 
 After each interruption the run folder is read with pyarrow (run_files.py), and what the
 next attempt says it found and re-did is checked against those counts.
@@ -24,7 +28,8 @@ from collections import Counter
 
 import pytest
 
-from .conftest import ENGINE_ACTOR, S3_SECRET, BftProcess, EngineWatch, engine_settings, run_bft
+from .conftest import (ENGINE_ACTOR, S3_SECRET, BftProcess, EngineWatch, engine_settings, logged_at, run_bft,
+                       shared_wrote)
 from .run_files import RunFiles
 from .s3_fault_proxy import S3FaultProxy
 from .s3_runs import (BUCKET, COPY_ID, ORIGINAL_ID, RESUME_DATE, command, drop_records, env_for, names,
@@ -74,8 +79,8 @@ def interrupted_twice(s3_corpus, s3_baseline, s3_config, s3_server, tiny_model, 
     (logs / "attempt-1.log").write_text(first.output)
     corpus.arrive_late(fs)
 
-    # 2. Resume, tolerating no failed batch; kill the rewrite engine as it gets its first rows.
-    kill = EngineWatch(kill_nth=3)
+    # 2. Resume, tolerating no failed batch; kill the engine as its first rows go on to rewrite.
+    kill = EngineWatch(trigger=shared_wrote("curate"))
     second = BftProcess([*cmd, "--set", "ray.engine_batch_retries=0", "--set", "ray.max_failed_batches=0"],
                         env_for(s3_server, s3_server.endpoint), on_line=[kill])
     second_status = second.wait()
@@ -83,8 +88,9 @@ def interrupted_twice(s3_corpus, s3_baseline, s3_config, s3_server, tiny_model, 
     after_failure = RunFiles(fs, run)
     (logs / "attempt-2.log").write_text(second.output)
 
-    # 3. Resume through a faulty S3 endpoint; one busy engine killed and replaced.
-    replaced = EngineWatch(kill_nth=1)
+    # 3. Resume through a faulty S3 endpoint; the engine killed (and replaced) with batches
+    # half done: one has written its curate files and its rows are at rewrite.
+    replaced = EngineWatch(trigger=shared_wrote("curate"))
     # the first writes of rewritten/ and sft/ files each get five 500s in a row
     with S3FaultProxy(s3_server.endpoint, fault_rate=0.1, seed=11, bursts=2,
                       burst_on=("/rewritten/", "/sft/")) as proxy:
@@ -139,7 +145,7 @@ def test_driver_killed_then_resumed_picks_up_exactly_what_was_left(interrupted_t
 def test_too_many_failed_batches_stop_the_run_with_a_clear_error(interrupted_twice):
     t = interrupted_twice
     output = t["second"].output
-    assert t["engine_killed"].pid, "the rewrite engine never got rows"
+    assert t["engine_killed"].pid, "no curate batch was ever written"
     assert t["second_status"] == 1, output[-3000:]
     assert f"bft: error: run s3://{t['run']} stopped: " in output
     assert "ray.max_failed_batches=0" in output and "Traceback" not in output.split("bft: error:")[-1]
@@ -186,15 +192,21 @@ def test_killed_engine_is_replaced_and_leaves_no_orphan(interrupted_twice):
     t = interrupted_twice
     kill, third = t["replaced"], t["third"]
     assert kill.pid, "no engine was seen working, so none was killed"
-    # its vLLM engine-core process did not outlive it (it would hold a GPU's memory)
-    assert kill.children and not third.orphans, (kill.children, third.orphans)
+    # Nothing of it outlived it (a vLLM engine process would hold a GPU's memory): with
+    # VLLM_ENABLE_V1_MULTIPROCESSING=0, the quickstart's setting, its engine ran inside it.
+    assert not third.orphans, (kill.children, third.orphans)
+    assert not [c for c in kill.child_commands if "EngineCore" in c], kill.child_commands
     after = third.lines[kill.at_line + 1:]
     # Ray saw the actor die with work in hand, started another, and the batch was retried there
     assert any("A worker died or was killed while executing a task" in line for line in after)
     new_engines = {int(m.group(1)) for line in after if (m := ENGINE_ACTOR.search(line))} - \
         {int(m.group(1)) for line in third.lines[:kill.at_line + 1] if (m := ENGINE_ACTOR.search(line))}
     assert new_engines, "no new engine actor started after the kill"
-    assert not [line for line in after if f"pid={kill.pid})" in line and "Engine 000" in line], "the killed engine ran on"
+    # the killed replica's batch ran again on the new one, from the curate files it had written
+    assert [line for line in after if "batch run again: generate, curate already written" in line
+            or "batch run again: curate already written" in line]
+    ran_on = [line for line in after if f"pid={kill.pid})" in line and (logged_at(line) or 0) > kill.at_time + 0.5]
+    assert not ran_on, f"the killed engine ran on: {ran_on[:3]}"
 
 
 def test_s3_faults_of_every_kind_were_retried(interrupted_twice):

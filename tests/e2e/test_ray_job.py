@@ -135,6 +135,10 @@ def write_job_config(folder: Path, tiny_model: Path, out: Path) -> tuple[Path, P
     data["generate"]["sampling"]["max_tokens"] = 128
     data["rewrite"].update(structured_output_regex=REWRITE_REGEX, min_response_chars=MIN_RESPONSE_CHARS,
                            prompt_template=str(template))
+    # vLLM's async engine, its core in a process of its own (vLLM's default, what GPUs
+    # run); the other e2e runs keep the quickstart's in-process engine.
+    for stage in ("generate", "curate", "rewrite"):
+        data[stage]["env_vars"] = {**data[stage]["env_vars"], "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     config = folder / "job.yaml"
     config.write_text(yaml.safe_dump(data))
     return config, template
@@ -171,6 +175,22 @@ def test_job_output_is_complete_and_has_the_documented_columns(job):
     files.check_nothing_lost()
     files.check_dedup()
     files.check_columns(documented_columns())
+
+
+def test_one_shared_engine_served_every_pass_from_its_prefix_cache(job):
+    """The default layout on one model: one pool for all three passes, and a document's
+    later passes found its prefix (system message + document) in vLLM's prefix cache."""
+    files = job["files"]
+    assert files.manifest["engines"] == [{"stages": ["generate", "curate", "rewrite"], "kind": "shared"}]
+    # this run's engine was vLLM's async one, its core in a process of its own
+    logs = job["proc"].stdout + job["proc"].stderr
+    assert "(EngineCore pid=" in logs and "shared engine up" in logs
+    for stage in ("curate", "rewrite"):
+        rows = files.kept[stage]
+        cached = sum(r[f"{stage}_cached_tokens"] for r in rows)
+        prompt = sum(r[f"{stage}_prompt_tokens"] for r in rows)
+        assert cached > 0.3 * prompt, (stage, cached, prompt)
+        assert all(r[f"{stage}_cached_tokens"] <= r[f"{stage}_prompt_tokens"] for r in rows)
 
 
 def test_webdocs_dolma_and_fineweb(job):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bft.config import LLM_STAGES, BftConfig, ConfigError
+from bft.config import BftConfig, ConfigError
 from bft.filters.base import Drop
 from bft.prompts import PromptTemplate
+from bft.stages import LLM_STAGES, STEPS, producer_of
 from bft.tokenization import count_tokens, load_tokenizer, render_chat
 
 
@@ -31,7 +32,7 @@ def token_budgets(cfg: BftConfig, templates: dict[str, PromptTemplate]) -> list[
     fails here, in the driver, naming the field, before any engine starts."""
     budgets = []
     for name in LLM_STAGES:
-        stage = getattr(cfg, name)
+        stage = cfg.llm_stage(name)
         field = f"{name}.tokenizer" if stage.tokenizer else f"{name}.model"
         try:
             load_tokenizer(stage.tokenizer_path)
@@ -40,9 +41,12 @@ def token_budgets(cfg: BftConfig, templates: dict[str, PromptTemplate]) -> list[
                               f"({type(exc).__name__}); the driver needs the tokenizer files too") from None
         if stage.max_model_len is None:
             continue
-        prompt = render_chat(stage.tokenizer_path, templates[name].messages(document="", instruction=""))
+        empty = dict.fromkeys(STEPS[name].PLACEHOLDERS, "")
+        prompt = render_chat(stage.tokenizer_path, templates[name].messages(**empty))
         overhead = count_tokens(stage.tokenizer_path, [prompt])[0]
-        allowance = cfg.generate.sampling.max_tokens if "instruction" in templates[name].placeholders else 0
+        # Room for what earlier stages write into this stage's prompt (the instruction).
+        allowance = sum(cfg.llm_stage(producer).sampling.max_tokens for placeholder in templates[name].placeholders
+                        if (producer := producer_of(placeholder)) is not None)
         budgets.append(TokenBudget(name, stage.tokenizer_path,
                                    stage.max_model_len - stage.sampling.max_tokens - overhead - allowance))
     return budgets

@@ -118,6 +118,7 @@ def build_report(storage: Storage, run_uri: str, settings: ReportConfig | None =
         "embeddings": embedding.summary,
         "examples": _examples(data.sample, settings.examples, settings.seed),
         "throughput": counts.throughput(manifest),
+        "engines": (manifest or {}).get("engines"),
     }
 
     log.info("report: drawing figures")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from bft.schema import PIPELINE_ORDER
+from bft.stages import ORDER
 
 
 def distribution(values: list[float]) -> dict[str, Any]:
@@ -28,10 +28,10 @@ def _stages(tallies: dict[str, Any], manifest: dict[str, Any] | None) -> list[st
     """The stages this run ran: all, or from ``--from-stage`` on (the manifest says; without
     one, from the first stage that left anything)."""
     if manifest and manifest.get("stages"):
-        return [stage for stage in PIPELINE_ORDER if stage in manifest["stages"]]
-    ran = [stage for stage in PIPELINE_ORDER
+        return [stage for stage in ORDER if stage in manifest["stages"]]
+    ran = [stage for stage in ORDER
            if stage in tallies and (tallies[stage].out or tallies[stage].dropped or tallies[stage].rows_in)]
-    return list(PIPELINE_ORDER[PIPELINE_ORDER.index(ran[0]):]) if ran else []
+    return list(ORDER[ORDER.index(ran[0]):]) if ran else []
 
 
 def funnel(tallies: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, int]:
@@ -56,7 +56,7 @@ def drops(tallies: dict[str, Any]) -> tuple[dict[str, int], dict[str, dict[str, 
     """Drops by reason (all stages) and by stage, then reason."""
     by_reason: Counter[str] = Counter()
     by_stage: dict[str, dict[str, int]] = {}
-    for stage in PIPELINE_ORDER:
+    for stage in ORDER:
         if stage in tallies and tallies[stage].dropped:
             by_stage[stage] = dict(sorted(tallies[stage].dropped.items()))
             by_reason.update(tallies[stage].dropped)
@@ -123,5 +123,10 @@ def throughput(manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
             row["completion_tokens"] = entry["completion_tokens"]
             row["prompt_tokens_per_s"] = round(entry["prompt_tokens"] / wall, 1) if wall else None
             row["completion_tokens_per_s"] = round(entry["completion_tokens"] / wall, 1) if wall else None
+            # Share of prompt tokens the engine served from its prefix cache (None: not reported).
+            cached = entry.get("cached_prompt_tokens")
+            row["cached_prompt_tokens"] = cached
+            row["prefix_cache_hit_share"] = (round(cached / entry["prompt_tokens"], 4)
+                                             if cached is not None and entry["prompt_tokens"] else None)
         out[stage] = row
     return out

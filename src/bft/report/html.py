@@ -175,12 +175,18 @@ def _throughput(r: dict[str, Any], figures: dict[str, bytes]) -> str:
     if not r["throughput"]:
         return '<h2>Throughput</h2><p class="note">No manifest: throughput unknown.</p>'
     rows = [[stage, t["in"], t["out"], t["wall_s"], t["rows_per_s"], t.get("prompt_tokens"),
+             t.get("cached_prompt_tokens"), _fmt(t.get("prefix_cache_hit_share"), percent=True),
              t.get("completion_tokens"), t.get("completion_tokens_per_s")] for stage, t in r["throughput"].items()]
+    pools = "; ".join(f"{escape(pool['kind'])}: {escape(' + '.join(pool['stages']))}"
+                      for pool in r.get("engines") or [])
     return ("<h2>Throughput</h2>"
-            + "<p>Stage wall times overlap: stages stream into each other.</p>"
+            + "<p>Stage wall times overlap: stages stream into each other."
+            + (f" Engine pools: {pools}." if pools else "")
+            + " Cached prompt tokens were served from vLLM's prefix cache (– where the engine pool does not "
+              "report them).</p>"
             + f'<div class="figures">{_img(figures, "throughput", "throughput per stage")}</div>'
-            + _table(["stage", "in", "out", "wall s", "rows/s", "prompt tokens", "completion tokens",
-                      "completion tok/s"], rows))
+            + _table(["stage", "in", "out", "wall s", "rows/s", "prompt tokens", "cached prompt tokens",
+                      "prefix cache hits", "completion tokens", "completion tok/s"], rows))
 
 
 def render(report: dict[str, Any], figures: dict[str, bytes]) -> str:

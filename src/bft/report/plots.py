@@ -10,8 +10,11 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-STAGE_COLORS = {"read": "#8c8c8c", "filter": "#4c72b0", "generate": "#55a868", "curate": "#c44e52",
-                "rewrite": "#8172b2", "sft": "#ccb974"}
+from bft.stages import ORDER  # noqa: E402
+
+# One colour per stage, in pipeline order.
+_PALETTE = ["#8c8c8c", "#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#937860", "#da8bc3"]
+STAGE_COLORS = {stage: _PALETTE[i % len(_PALETTE)] for i, stage in enumerate(ORDER)}
 KIND_COLORS = {"documents": "#4c72b0", "instructions": "#55a868", "responses": "#c44e52"}
 
 

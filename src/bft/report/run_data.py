@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bft.schema import STAGE_DIRS
+from bft.stages import FOLDERS
 from bft.storage import Storage, join
 from bft.writers.manifest import MANIFEST_NAME, tally_run
 from bft.writers.parquet import dropped_files, parquet_files
@@ -142,12 +142,12 @@ def load_run(storage: Storage, run_uri: str, manifest: dict[str, Any] | None, sa
     data = RunData(run_uri=run_uri, manifest=manifest, tallies=tallies)
 
     log.info("report: reading %s", run_uri)
-    for table in _tables(storage, join(run_uri, STAGE_DIRS["filter"]), ["n_chars", "n_tokens"]):
+    for table in _tables(storage, join(run_uri, FOLDERS["filter"]), ["n_chars", "n_tokens"]):
         data.doc_chars += _ints(table, "n_chars")
         data.doc_tokens += _ints(table, "n_tokens")
-    for table in _tables(storage, join(run_uri, STAGE_DIRS["generate"]), ["instruction"]):
+    for table in _tables(storage, join(run_uri, FOLDERS["generate"]), ["instruction"]):
         _measure(table.column("instruction"), data.instruction_chars, data.instruction_tokens, count_tokens)
-    for table in _tables(storage, join(run_uri, STAGE_DIRS["curate"]), ["score", "n_chars"]):
+    for table in _tables(storage, join(run_uri, FOLDERS["curate"]), ["score", "n_chars"]):
         data.scores += table.column("score").to_pylist()
         data.score_doc_chars += table.column("n_chars").to_pylist()
     # Only curate's drop files: the others (most of dropped/, filter's whole documents)
@@ -164,7 +164,7 @@ def load_run(storage: Storage, run_uri: str, manifest: dict[str, Any] | None, sa
                 data.score_doc_chars.append(n_chars)
 
     reservoir = _Reservoir(sample_size, seed)
-    for table in _tables(storage, join(run_uri, STAGE_DIRS["rewrite"]), PAIR_COLUMNS):
+    for table in _tables(storage, join(run_uri, FOLDERS["rewrite"]), PAIR_COLUMNS):
         _measure(table.column("response"), data.response_chars, data.response_tokens, count_tokens)
         reservoir.offer(table)
     data.final_pairs = reservoir.seen

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from bft.config import CurateConfig
+import pyarrow as pa
+from pydantic import Field
+
+from bft.config.models import StageConfig
 from bft.filters.base import Drop
 
 NAME = "curate"
-REQUIRED_PLACEHOLDERS = {"document", "instruction"}
+DESCRIPTION = "Scoring (instruction, document) pairs."
+PLACEHOLDERS = {"document", "instruction"}
+REQUIRED_PLACEHOLDERS = PLACEHOLDERS
+INPUT_COLUMNS = ("text", "instruction")
+OUTPUT_COLUMNS = {"score": pa.int64(), "curate_reasoning": pa.string()}
+DROP_COLUMNS = ("score",)
+
+
+class Config(StageConfig):
+    # Scores must always parse, so the output is constrained to "<reasoning>\nScore: N".
+    # The reasoning bound (characters) stays below max_tokens so the regex can complete.
+    stage_defaults: ClassVar[dict[str, Any]] = {
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 256},
+        "structured_output_regex": r"[^\n]{1,200}\nScore: [1-5]",
+    }
+
+    threshold: int = Field(default=5, ge=1, le=5)
+    """Keep pairs scored at or above this (5-point rubric)."""
 
 # "Score: 4", "**Score:** 4", "score = 4/5", "Score: 4.0". The rubric asks for the score
 # on the last line, so the last match is the verdict (models sometimes restate an early
@@ -37,7 +57,7 @@ def parse_score(raw: str) -> tuple[int, str] | Drop:
     return int(value), reasoning
 
 
-def parse(raw: str, cfg: CurateConfig) -> dict[str, Any] | Drop:
+def parse(raw: str, cfg: Config) -> dict[str, Any] | Drop:
     parsed = parse_score(raw)
     if isinstance(parsed, Drop):
         return parsed

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from bft.config import GenerateConfig
+import pyarrow as pa
+from pydantic import Field
+
+from bft.config.models import StageConfig
 from bft.filters.base import Drop
 
 NAME = "generate"
-REQUIRED_PLACEHOLDERS = {"document"}
+DESCRIPTION = "Instruction generation (the backward model)."
+PLACEHOLDERS = {"document"}
+REQUIRED_PLACEHOLDERS = PLACEHOLDERS
+INPUT_COLUMNS = ("text",)
+OUTPUT_COLUMNS = {"instruction": pa.string()}
+DROP_COLUMNS = ("instruction",)
+
+
+class Config(StageConfig):
+    # The paper's sampling for the backward model: temperature 1.0, top-p 0.9.
+    stage_defaults: ClassVar[dict[str, Any]] = {
+        "sampling": {"temperature": 1.0, "top_p": 0.9, "max_tokens": 128},
+    }
+
+    min_instruction_chars: int = Field(default=10, ge=1)
+    """Drop generated instructions shorter than this (after cleaning)."""
+
+    max_instruction_chars: int = Field(default=600, ge=1)
+    """Drop generated instructions longer than this (after cleaning)."""
 
 # Labels models like to put in front of the request; removed before length checks.
 LABEL_RE = re.compile(
@@ -37,7 +58,7 @@ def clean_instruction(raw: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def parse(raw: str, cfg: GenerateConfig) -> dict[str, Any] | Drop:
+def parse(raw: str, cfg: Config) -> dict[str, Any] | Drop:
     instruction = clean_instruction(raw or "")
     if not instruction:
         return Drop("empty_instruction", "the model returned no instruction")

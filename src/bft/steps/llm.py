@@ -1,86 +1,70 @@
-"""Wire an LLM step (generate, curate or rewrite) into the dataset:
+"""What every LLM stage does around the engine, whichever engine runs it:
 
-    prompt rows  ->  vLLM engine pool (ray.data.llm)  ->  parse, write, keep/drop
+    row  ->  request (prompt + sampling)  ->  engine  ->  reply  ->  parse  ->  kept or dropped
 
-The step module supplies ``prompt_values(row)`` and ``parse(text, stage_config)``.
+The step module (``steps/base.py``) supplies ``prompt_values(row)`` and
+``parse(text, stage_config)``; the engines (``bft/engines/``) only move requests and
+replies, so every engine layout writes the same rows, reasons and columns.
 """
 
 from __future__ import annotations
 
 import time
-from functools import partial
-from types import ModuleType
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
-from bft.config import BftConfig
-from bft.context import RunContext
-from bft.engine import build_engine_processor
 from bft.filters.base import Drop
 from bft.prompts import PromptTemplate
-from bft.schema import STAGE_COLUMNS, to_table
+from bft.steps.base import LLMStep
 from bft.tokenization import render_chat
 
-# Engine output columns that are not carried on (they are re-derived or too large).
-_ENGINE_COLUMNS = {"prompt", "prompt_token_ids", "sampling_params", "generated_tokens", "generated_text",
-                   "num_input_tokens", "num_generated_tokens", "metrics", "logprobs", "prompt_logprobs",
-                   "embeddings", "request_id", "batch_uuid", "time_taken_llm", "params",
-                   "__inference_error__", "__t_start"}
+
+@dataclass(frozen=True)
+class EngineReply:
+    """One request's result, as every engine reports it."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    """Prompt tokens served from the engine's prefix cache; ``None`` where the engine
+    does not report it (``ray.data.llm``'s vLLM stage does not pass it on)."""
+    error: str = ""
+    """Why the engine failed this request (the row is dropped as ``engine_error``)."""
 
 
-def build_request(row: dict[str, Any], step: ModuleType, config: BftConfig,
+def request_params(stage: Any) -> dict[str, Any]:
+    """A stage's sampling parameters, with its structured-output regex (JSON-able)."""
+    params = stage.sampling.engine_params()
+    if stage.structured_output_regex:
+        params["structured_outputs"] = {"regex": stage.structured_output_regex}
+    return params
+
+
+def request_messages(row: dict[str, Any], step: LLMStep, templates: dict[str, PromptTemplate]) -> list[dict]:
+    """The chat messages of ``row``'s request at ``step``."""
+    return templates[step.NAME].messages(**step.prompt_values(row))
+
+
+def build_request(row: dict[str, Any], step: LLMStep, config: Any,
                   templates: dict[str, PromptTemplate]) -> dict[str, Any]:
-    """Row -> ``prompt`` + ``sampling_params`` for the engine (ray.data.llm preprocess).
+    """Row -> ``prompt`` + ``sampling_params`` for the engine.
 
     The throughput benchmark sends the same requests to a bare engine, so this takes
     only the config and templates, not a run context.
     """
-    stage = getattr(config, step.NAME)
-    messages = templates[step.NAME].messages(**step.prompt_values(row))
-    params = stage.sampling.engine_params()
-    if stage.structured_output_regex:
-        params["structured_outputs"] = {"regex": stage.structured_output_regex}
-    return {"prompt": render_chat(stage.tokenizer_path, messages), "sampling_params": params,
-            "__t_start": time.time()}
+    stage = config.llm_stage(step.NAME)
+    return {"prompt": render_chat(stage.tokenizer_path, request_messages(row, step, templates)),
+            "sampling_params": request_params(stage), "__t_start": time.time()}
 
 
-def finish_batch(batch: pa.Table, step: ModuleType, ctx: RunContext) -> pa.Table:
-    """Parse engine outputs, write kept and dropped rows, pass kept rows on."""
+def outcome(row: dict[str, Any], step: LLMStep, stage_cfg: Any, reply: EngineReply) -> tuple[bool, dict[str, Any]]:
+    """``(True, kept row)`` or ``(False, drop record)`` for one row's reply."""
     name = step.NAME
-    stage = getattr(ctx.config, name)
-    rows = batch.to_pylist()
-    started = min((r.get("__t_start") or time.time() for r in rows), default=time.time())
-    kept, dropped = [], []
-    for row in rows:
-        raw = row.get("generated_text") or ""
-        tokens = {"prompt_tokens": row.get("num_input_tokens"),
-                  "completion_tokens": row.get("num_generated_tokens")}
-        error = row.get("__inference_error__") or ""
-        base = {k: v for k, v in row.items() if k not in _ENGINE_COLUMNS}
-        result: dict[str, Any] | Drop
-        result = Drop("engine_error", error[:2000]) if error else step.parse(raw, stage)
-        if isinstance(result, Drop):
-            dropped.append({**base, **result.fields, "reason": result.reason, "detail": result.detail,
-                            "raw_output": raw, **tokens})
-        else:
-            kept.append({**base, **result, f"{name}_raw": raw,
-                         f"{name}_prompt_tokens": tokens["prompt_tokens"],
-                         f"{name}_completion_tokens": tokens["completion_tokens"]})
-    ctx.writer.write(name, kept, dropped, started)
-    return to_table(kept, STAGE_COLUMNS[name])
-
-
-def apply_llm_step(ds: Any, step: ModuleType, ctx: RunContext) -> Any:
-    light = ctx.config.ray.light_task_cpus
-    stage = getattr(ctx.config, step.NAME)
-    preprocess = partial(build_request, step=step, config=ctx.config, templates=ctx.templates)
-    processor = build_engine_processor(stage, preprocess, light, ctx.config.ray.engine_batch_retries)
-    # Ray Data merges a task's small outputs into one block (up to 128 MiB), so all the
-    # rows of an input file reach the engine as one task, and the next stage sees none of
-    # them until the last is done: no overlap between stages. Blocks of one engine batch
-    # stream instead (measured in benchmarks/README.md).
-    ds = ds.repartition(target_num_rows_per_block=stage.batch_size)
-    ds = processor(ds)
-    return ds.map_batches(partial(finish_batch, step=step, ctx=ctx), batch_format="pyarrow",
-                          batch_size=stage.batch_size, num_cpus=light)
+    result = Drop("engine_error", reply.error[:2000]) if reply.error else step.parse(reply.text, stage_cfg)
+    if isinstance(result, Drop):
+        return False, {**row, **result.fields, "reason": result.reason, "detail": result.detail,
+                       "raw_output": reply.text, "prompt_tokens": reply.prompt_tokens,
+                       "completion_tokens": reply.completion_tokens, "cached_tokens": reply.cached_tokens}
+    return True, {**row, **result, f"{name}_raw": reply.text, f"{name}_prompt_tokens": reply.prompt_tokens,
+                  f"{name}_completion_tokens": reply.completion_tokens, f"{name}_cached_tokens": reply.cached_tokens}

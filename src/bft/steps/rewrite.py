@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from bft.config import RewriteConfig
+import pyarrow as pa
+from pydantic import Field
+
+from bft.config.models import StageConfig
 from bft.filters.base import Drop
 
 NAME = "rewrite"
-REQUIRED_PLACEHOLDERS = {"document", "instruction"}
+DESCRIPTION = "Rewriting documents into assistant answers."
+PLACEHOLDERS = {"document", "instruction"}
+REQUIRED_PLACEHOLDERS = PLACEHOLDERS
+INPUT_COLUMNS = ("text", "instruction")
+OUTPUT_COLUMNS = {"response": pa.string()}
+# The response of a dropped rewrite is in raw_output.
+DROP_COLUMNS = ()
+
+
+class Config(StageConfig):
+    stage_defaults: ClassVar[dict[str, Any]] = {
+        "sampling": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 1024},
+    }
+
+    min_response_chars: int = Field(default=1, ge=1)
+    """Drop rewritten responses shorter than this."""
 
 OPEN_RE = re.compile(r"\[\s*RES\s*\]", re.IGNORECASE)
 CLOSE_RE = re.compile(r"\[\s*/\s*RES\s*\]", re.IGNORECASE)
@@ -37,7 +55,7 @@ def extract_response(raw: str) -> str | Drop:
     return response
 
 
-def parse(raw: str, cfg: RewriteConfig) -> dict[str, Any] | Drop:
+def parse(raw: str, cfg: Config) -> dict[str, Any] | Drop:
     response = extract_response(raw)
     if isinstance(response, Drop):
         return response

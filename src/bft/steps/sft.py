@@ -7,6 +7,7 @@ import time
 import pyarrow as pa
 
 from bft.context import RunContext
+from bft.stages import LLM_STAGES
 
 
 def to_messages(system_prompt: str, instruction: str, response: str) -> list[dict[str, str]]:
@@ -24,11 +25,8 @@ def build_sft(batch: pa.Table, ctx: RunContext) -> pa.Table:
             "messages": to_messages(cfg.output.system_prompt, row["instruction"], row["response"]),
             "id": row["id"], "url": row["url"], "source": row["source"],
             "source_row": row["source_row"], "score": row["score"],
-            "generate_model": cfg.generate.model, "curate_model": cfg.curate.model,
-            "rewrite_model": cfg.rewrite.model,
-            **{f"{name}_prompt_sha256": ctx.templates[name].sha256 for name in ("generate", "curate", "rewrite")},
-            # The writer names files by id + text digest, as for every stage.
-            "text": row["text"],
+            **{f"{name}_model": cfg.llm_stage(name).model for name in LLM_STAGES},
+            **{f"{name}_prompt_sha256": ctx.templates[name].sha256 for name in LLM_STAGES},
         }
         for row in batch.to_pylist()
     ]

@@ -16,8 +16,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from bft.config import LLM_STAGES
-from bft.schema import PIPELINE_ORDER, PREVIOUS_STAGE, STAGE_DIRS
+from bft.stages import FOLDERS, LLM_STAGES, ORDER, PREVIOUS
 from bft.steps.read import read_stats
 from bft.storage import Storage, join
 from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY, parquet_files
@@ -43,6 +42,8 @@ class _StageTally:
         self.dropped: Counter[str] = Counter()
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.cached_unreported = 0  # rows an engine answered without saying what it had cached
         self.started: float | None = None
         self.finished: float | None = None
         self.files = 0
@@ -68,6 +69,23 @@ def _sum(table: Any, column: str) -> int:
     return int(sum(v for v in table.column(column).to_pylist() if v))
 
 
+def _read(pf: pq.ParquetFile, columns: list[str]) -> Any:
+    """The ``columns`` the file has (runs written before a column existed lack it)."""
+    return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+
+
+def _add_tokens(tally: _StageTally, table: Any, prefix: str) -> None:
+    tally.prompt_tokens += _sum(table, f"{prefix}prompt_tokens")
+    tally.completion_tokens += _sum(table, f"{prefix}completion_tokens")
+    prompts = table.column(f"{prefix}prompt_tokens").to_pylist() if f"{prefix}prompt_tokens" in table.column_names \
+        else [None] * table.num_rows
+    cached = table.column(f"{prefix}cached_tokens").to_pylist() if f"{prefix}cached_tokens" in table.column_names \
+        else [None] * table.num_rows
+    tally.cached_tokens += sum(c for c in cached if c)
+    # Rows the engine answered (they have prompt tokens) but whose cache hits are unknown.
+    tally.cached_unreported += sum(1 for p, c in zip(prompts, cached) if p is not None and c is None)
+
+
 def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> dict[str, _StageTally]:
     """Counts from the run's files; ``reread`` covers input files read by the attempt
     that started at ``attempt_started`` (an input file's record is rewritten when an
@@ -83,7 +101,7 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
         read.files += 1
         read.span(stats.get("started_at"), stats.get("finished_at"))
 
-    for stage, folder in STAGE_DIRS.items():
+    for stage, folder in FOLDERS.items():
         tally = tallies[stage]
         for uri in parquet_files(storage, join(run_uri, folder)):
             with storage.open(uri, "rb") as fh:
@@ -92,14 +110,13 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
                 tally.files += 1
                 tally.span(*_times(pf.schema_arrow.metadata))
                 if stage in LLM_STAGES:
-                    table = pf.read(columns=[f"{stage}_prompt_tokens", f"{stage}_completion_tokens"])
-                    tally.prompt_tokens += _sum(table, f"{stage}_prompt_tokens")
-                    tally.completion_tokens += _sum(table, f"{stage}_completion_tokens")
+                    _add_tokens(tally, _read(pf, [f"{stage}_{k}_tokens" for k in ("prompt", "completion", "cached")]),
+                                f"{stage}_")
 
     for uri in parquet_files(storage, join(run_uri, DROPPED_DIR)):
         with storage.open(uri, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            table = pf.read(columns=["stage", "reason", "prompt_tokens", "completion_tokens"])
+            table = _read(pf, ["stage", "reason", "prompt_tokens", "completion_tokens", "cached_tokens"])
             started, finished = _times(pf.schema_arrow.metadata)
         for stage_name, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
             tallies[stage_name].dropped[reason] += 1
@@ -108,8 +125,7 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
             tally = tallies[stage_name]
             tally.span(started, finished)
             if stage_name in LLM_STAGES:
-                tally.prompt_tokens += _sum(table, "prompt_tokens")
-                tally.completion_tokens += _sum(table, "completion_tokens")
+                _add_tokens(tally, table, "")
     return tallies
 
 
@@ -120,13 +136,13 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
     with ``first_stage_input`` rows in; a normal run starts at ``read``."""
     counts: dict[str, Any] = {}
     problems: list[str] = []
-    for stage in PIPELINE_ORDER[PIPELINE_ORDER.index(start_stage):]:
+    for stage in ORDER[ORDER.index(start_stage):]:
         tally = tallies.get(stage) or _StageTally()
         if stage == start_stage:
             rows_in = tally.rows_in if stage == "read" else first_stage_input
             rows_in = rows_in or 0
         else:
-            rows_in = counts[PREVIOUS_STAGE[stage]]["out"]
+            rows_in = counts[PREVIOUS[stage]]["out"]
         dropped = sum(tally.dropped.values())
         entry: dict[str, Any] = {
             "in": rows_in,
@@ -139,6 +155,10 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
         if stage in LLM_STAGES:
             entry["prompt_tokens"] = tally.prompt_tokens
             entry["completion_tokens"] = tally.completion_tokens
+            # Prompt tokens vLLM served from its prefix cache; None when some answered rows
+            # do not say (ray.data.llm's pools, engine.sharing per_stage): a partial sum
+            # would pass for the whole.
+            entry["cached_prompt_tokens"] = None if tally.cached_unreported else tally.cached_tokens
         if rows_in != tally.out + dropped:
             problems.append(f"{stage}: {rows_in} in != {tally.out} out + {dropped} dropped")
         counts[stage] = entry

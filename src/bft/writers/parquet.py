@@ -1,10 +1,12 @@
 """Per-stage Parquet writing from inside streaming Ray tasks.
 
-Each batch a stage finishes is written as one Parquet file under
-``<run>/<stage dir>/`` (kept rows) and ``<run>/dropped/`` (dropped rows), so stage
-outputs stream to storage as the run goes and no stage is ever held in memory whole.
-File names are a digest of the rows they hold: a retried task rewrites the same file
-instead of adding a duplicate. Files appear atomically (see :meth:`Storage.write_bytes`).
+Each batch a stage finishes is written as one Parquet file under ``<run>/<stage dir>/``
+(kept rows) and one under ``<run>/dropped/`` (dropped rows), so stage outputs stream to
+storage as the run goes and no stage is ever held in memory whole. Both files of a batch
+are named after the identities (``source``, ``source_row``) of all the rows the batch
+finished, kept or dropped: a batch that runs again (a retried task, a replica replaced)
+writes the same two names whatever its new split, so it replaces what it wrote before
+instead of adding to it. Files appear atomically (see :meth:`Storage.write_bytes`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bft.schema import DROPPED_COLUMNS, STAGE_COLUMNS, STAGE_DIRS, to_table
+from bft.schema import to_table
+from bft.stages import COLUMNS, DROPPED_COLUMNS, FOLDERS
 from bft.storage import Storage, join
 
 STARTED_KEY = b"bft.started_at"
@@ -36,17 +39,20 @@ def dropped_files(storage: Storage, run_uri: str, stage: str) -> list[str]:
     return [f for f in parquet_files(storage, join(run_uri, DROPPED_DIR)) if f.rsplit("/", 1)[-1].startswith(prefix)]
 
 
-def _digest(stage: str, rows: list[dict]) -> str:
+def batch_name(stage: str, rows: list[dict]) -> str:
+    """The name of a batch's files: a digest of the stage and its rows' identities."""
     h = hashlib.sha1(stage.encode())
-    for row in rows:
-        h.update(b"\0")
-        h.update(str(row.get("id")).encode())
-        h.update(hashlib.sha1((row.get("text") or "").encode("utf-8", "replace")).digest())
+    for source, source_row in sorted((str(r.get("source")), int(r.get("source_row") or 0)) for r in rows):
+        h.update(b"\0" + source.encode("utf-8", "surrogatepass") + b"#" + str(source_row).encode())
     return h.hexdigest()[:20]
 
 
+def identities(rows: list[dict]) -> set[tuple[str, int]]:
+    return {(r["source"], r["source_row"]) for r in rows}
+
+
 class StageWriter:
-    """Writes one stage's kept and dropped rows for one run."""
+    """Writes (and reads back) one stage's kept and dropped rows for one run."""
 
     def __init__(self, storage: Storage, run_uri: str):
         self.storage = storage
@@ -61,16 +67,33 @@ class StageWriter:
         pq.write_table(table, buf, compression="zstd")
         self.storage.write_bytes(uri, buf.getvalue())
 
-    def kept_uri(self, stage: str, rows: list[dict]) -> str:
-        return join(self.run_uri, STAGE_DIRS[stage], f"part-{_digest(stage, rows)}.parquet")
+    def kept_uri(self, stage: str, name: str) -> str:
+        return join(self.run_uri, FOLDERS[stage], f"part-{name}.parquet")
 
-    def dropped_uri(self, stage: str, rows: list[dict]) -> str:
-        return join(self.run_uri, DROPPED_DIR, f"{stage}-{_digest(stage, rows)}.parquet")
+    def dropped_uri(self, stage: str, name: str) -> str:
+        return join(self.run_uri, DROPPED_DIR, f"{stage}-{name}.parquet")
 
-    def write(self, stage: str, kept: list[dict], dropped: list[dict], started_at: float) -> None:
-        """Write a finished batch of ``stage``; empty sides write nothing."""
-        if kept:
-            self._write(self.kept_uri(stage, kept), to_table(kept, STAGE_COLUMNS[stage]), started_at)
+    def write(self, stage: str, kept: list[dict], dropped: list[dict], started_at: float,
+              replace: bool = False) -> None:
+        """Write a finished batch of ``stage``; an empty side writes nothing, or, with
+        ``replace``, removes that side's file from an earlier run of the batch."""
+        name = batch_name(stage, kept + dropped)
         if dropped:
             dropped = [{**row, "stage": stage} for row in dropped]
-            self._write(self.dropped_uri(stage, dropped), to_table(dropped, DROPPED_COLUMNS), started_at)
+            self._write(self.dropped_uri(stage, name), to_table(dropped, DROPPED_COLUMNS), started_at)
+        elif replace:
+            self.storage.remove([self.dropped_uri(stage, name)], missing_ok=True)
+        if kept:
+            self._write(self.kept_uri(stage, name), to_table(kept, COLUMNS[stage]), started_at)
+        elif replace:
+            self.storage.remove([self.kept_uri(stage, name)], missing_ok=True)
+
+    def read_batch(self, stage: str, rows: list[dict]) -> tuple[list[dict] | None, list[dict] | None]:
+        """What an earlier run of the batch of ``rows`` wrote at ``stage``: its kept and
+        its dropped rows (``None`` for a file that is not there)."""
+        name = batch_name(stage, rows)
+        found = []
+        for uri in (self.kept_uri(stage, name), self.dropped_uri(stage, name)):
+            data = self.storage.read_if_exists(uri)
+            found.append(None if data is None else pq.read_table(pa.BufferReader(data)).to_pylist())
+        return found[0], found[1]

@@ -1,0 +1,198 @@
+"""What an attempt of a run does, decided before Ray starts: the run's bookkeeping (dated
+runs' markers, the run id), its inputs, and which stages and files it works on (a new run,
+a resume, ``--from-stage``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from bft.config import BftConfig
+from bft.prompts import PromptTemplate, load_template
+from bft.readers import ColumnMapping, InputError, read_file
+from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
+from bft.stages import FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
+from bft.storage import Storage, detect_format, join
+from bft.writers.parquet import DROPPED_DIR, parquet_files
+
+log = logging.getLogger("bft")
+
+COMPLETED_DIR = "_completed"
+STARTED_DIR = "_started"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_uri: str
+    manifest_uri: str
+    manifest: dict[str, Any]
+    skipped: bool = False  # a dated input that an earlier run already processed
+
+
+def completed_marker(cfg: BftConfig) -> str:
+    return join(cfg.output.uri, COMPLETED_DIR, f"{cfg.date}.json")
+
+
+def started_marker(cfg: BftConfig) -> str:
+    return join(cfg.output.uri, STARTED_DIR, f"{cfg.date}.json")
+
+
+def unfinished_run_for_date(cfg: BftConfig, storage: Storage) -> str | None:
+    """The run id of an attempt at ``cfg.date`` that never completed, if any: a scheduled
+    job that is retried (RayJob backoffLimit, a re-run by hand) resumes it instead of
+    starting over."""
+    marker = started_marker(cfg)
+    if cfg.date is None or not storage.exists(marker):
+        return None
+    return json.loads(storage.read_bytes(marker))["run_id"]
+
+
+def previous_run_for_date(cfg: BftConfig, storage: Storage) -> RunResult | None:
+    """The run that already processed ``cfg.date`` (scheduled runs), if any."""
+    marker = completed_marker(cfg)
+    if cfg.date is None or not storage.exists(marker):
+        return None
+    done = json.loads(storage.read_bytes(marker))
+    manifest = json.loads(storage.read_bytes(done["manifest"]))
+    return RunResult(done["run_id"], done["run_uri"], done["manifest"], manifest, skipped=True)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def load_templates(cfg: BftConfig) -> dict[str, PromptTemplate]:
+    return {name: load_template(name, cfg.llm_stage(name).prompt_template, step.REQUIRED_PLACEHOLDERS,
+                                step.PLACEHOLDERS) for name, step in STEPS.items()}
+
+
+def list_inputs(cfg: BftConfig, storage: Storage) -> list[str]:
+    """Input files to read; fails (naming the URI) when there are none.
+
+    A URI naming one file is read whatever its name; below a directory or prefix, only
+    files of the configured format (any known format for ``auto``) are read, skipping
+    hidden and ``_``-prefixed names (``_SUCCESS``, ``.crc``)."""
+    files = storage.list_files(cfg.input.uri)
+    if files != [cfg.input.uri]:
+        wanted = {cfg.input.format} if cfg.input.format != "auto" else {"jsonl", "parquet"}
+        files = [f for f in files if detect_format(f) in wanted
+                 and not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+    if cfg.input.max_files:
+        files = files[:cfg.input.max_files]
+    if not files:
+        raise InputError(f"{cfg.input.uri}: no input files found (looked for .jsonl, .jsonl.gz, .json, "
+                         f".parquet; set input.uri or input.format)")
+    return files
+
+
+def preflight(cfg: BftConfig, storage: Storage, files: list[str], tries: int = 3) -> None:
+    """Read the start of the first input file before any engine starts, so a wrong
+    ``text_column`` fails in seconds rather than after model loading. With
+    ``on_bad_file: skip`` a damaged first file is not the run's problem: the next ones
+    are tried, and only if none of the first few is readable does the run stop."""
+    mapping = ColumnMapping.from_config(cfg.input)
+    errors = []
+    for uri in files[:tries if cfg.input.on_bad_file == "skip" else 1]:
+        try:
+            for _ in read_file(storage, uri, cfg.input.format, mapping, cfg.input.rows_per_block):
+                return  # first chunk read: the file opens and has the text column
+        except InputError as exc:
+            errors.append(exc)
+            log.warning("%s", exc)
+    raise errors[0] if len(errors) == 1 else InputError(
+        f"none of the first {len(errors)} input files is readable: " + "; ".join(map(str, errors)))
+
+
+def stage_inputs(storage: Storage, source_run_uri: str, from_stage: str) -> tuple[list[str], int]:
+    """Parquet files (and their row count) of the stage before ``from_stage``."""
+    folder = join(source_run_uri, FOLDERS[PREVIOUS[from_stage]])
+    files = parquet_files(storage, folder)
+    if not files:
+        raise InputError(f"{folder}: no Parquet files to restart '{from_stage}' from")
+    rows = 0
+    for uri in files:
+        with storage.open(uri, "rb") as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    return files, rows
+
+
+def clear_stages(storage: Storage, run_uri: str, stages: list[str]) -> None:
+    """Remove earlier outputs of ``stages`` (and the final dataset) before they are redone."""
+    doomed = []
+    for stage in [*stages, "sft"]:
+        doomed += storage.list_files(join(run_uri, FOLDERS[stage]))
+    doomed += [f for f in storage.list_files(join(run_uri, DROPPED_DIR))
+               if f.rsplit("/", 1)[-1].split("-", 1)[0] in stages]
+    storage.remove(doomed)
+
+
+@dataclass
+class WorkPlan:
+    """What this attempt of a run does: which stages run, which input files are read,
+    and which earlier-stage files feed rows in part-way (``--from-stage``, resume)."""
+
+    stages: list[str]
+    input_files: list[str]
+    entries: dict[str, list[str]] = field(default_factory=dict)
+    finished: FinishedRows | None = None  # rows earlier attempts finished (resume)
+    manifest_start: str = "read"  # a run restarted from another run's output starts later
+    first_stage_input: int | None = None
+    resume: dict[str, Any] | None = None  # what resuming found, for the manifest
+    inputs_total: int | None = None  # input files the run covers, over all its attempts
+
+    @property
+    def empty(self) -> bool:
+        return not self.input_files and not any(self.entries.values())
+
+
+def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_stage: str | None,
+              from_run: str | None, prompt_sha256: dict[str, str]) -> WorkPlan:
+    in_place = from_run in (None, run_id)
+    if from_stage == "filter" and not in_place:
+        raise ValueError("--from-stage filter reads the input again, not another run's files: "
+                         "leave out --from-run (a new run id does the same)")
+    if from_stage is not None and from_stage != "filter":
+        stages = list(RESTARTABLE[RESTARTABLE.index(from_stage):])
+        files, rows_in = stage_inputs(storage, join(cfg.output.uri, from_run or run_id), from_stage)
+        if in_place:
+            clear_stages(storage, run_uri, stages)
+            # The stages redone now may run with another config (a new threshold, prompt
+            # or model): a later resume of this run is checked against the config in force.
+            write_run_record(storage, run_uri, cfg, prompt_sha256)
+        return WorkPlan(stages, [], {from_stage: files},
+                        manifest_start="read" if in_place else from_stage, first_stage_input=rows_in)
+
+    inputs = list_inputs(cfg, storage)
+    if not storage.list_files(run_uri):
+        write_run_record(storage, run_uri, cfg, prompt_sha256)
+        preflight(cfg, storage, inputs)
+        return WorkPlan(list(RESTARTABLE), inputs, inputs_total=len(inputs))
+
+    if from_stage == "filter":
+        # Filtering again in place: forget what filter and later stages wrote, then the
+        # resume below re-reads every input file (rows dropped by read stay dropped).
+        clear_stages(storage, run_uri, list(RESTARTABLE))
+        write_run_record(storage, run_uri, cfg, prompt_sha256)
+    # The run id exists: resume it, doing only what no earlier attempt finished.
+    check_same_run(storage, run_uri, cfg, prompt_sha256)
+    state = scan_run(storage, run_uri)
+    to_read = [f for f in inputs if not state.input_done(f)]
+    unfinished = {stage: state.unfinished(stage) for stage in JOINABLE}
+    entries = {stage: list(files) for stage, files in unfinished.items()}
+    resume = {
+        "finished_before": {stage: state.finished.count(stage) for stage in ORDER},
+        "input_files_read_again": len(to_read),
+        "rows_entering_at": {stage: sum(files.values()) for stage, files in unfinished.items()},
+    }
+    log.info("resuming %s: finished before: %s; %d of %d input file(s) to read again; rows entering at %s",
+             run_uri, ", ".join(f"{k} {v}" for k, v in resume["finished_before"].items()), len(to_read),
+             len(inputs), ", ".join(f"{k} {v}" for k, v in resume["rows_entering_at"].items()))
+    return WorkPlan(list(RESTARTABLE), to_read, entries, finished=state.finished, resume=resume,
+                    inputs_total=len(inputs))
