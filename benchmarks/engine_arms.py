@@ -16,7 +16,6 @@ Usage: python benchmarks/engine_arms.py {ceiling,naive} --config C --run-dir R -
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -27,7 +26,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bft.config import BftConfig, load_config
+from arm_cli import parse_args, single_engine
+
+from bft.config import BftConfig
 from bft.engines.programs import Passes, run_passes
 from bft.engines.vllm_engine import engine_kwargs, generate, sampling_params, start_engine
 from bft.planning import load_templates
@@ -51,11 +52,9 @@ def documents(cfg: BftConfig, run_dir: str) -> list[dict]:
 def one_engine(cfg: BftConfig) -> Any:
     """The stage settings of the one engine all passes use (the benchmark compares one
     model used three times)."""
-    stages = [cfg.llm_stage(name) for name in LLM_STAGES]
-    if len({(s.model, json.dumps(engine_kwargs(s), sort_keys=True)) for s in stages}) != 1:
-        raise SystemExit("the benchmark needs the same model and engine_kwargs for generate, curate and rewrite")
-    os.environ.update(stages[0].env_vars)  # before vLLM is imported: it reads them at import
-    return stages[0]
+    stage = single_engine(cfg)
+    os.environ.update(stage.env_vars)  # before vLLM is imported: it reads them at import
+    return stage
 
 
 def empty_counts() -> dict[str, dict[str, Any]]:
@@ -134,14 +133,7 @@ def naive(cfg: BftConfig, rows: list[dict], out_dir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("arm", choices=["ceiling", "naive"])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--run-dir", required=True, help="a finished bft run of the same config and documents")
-    parser.add_argument("--out", required=True, help="JSON file for the measurements")
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    args, cfg = parse_args(["ceiling", "naive"], __doc__)
     rows = documents(cfg, args.run_dir)
     if args.arm == "ceiling":
         result = ceiling(cfg, rows)

@@ -30,7 +30,6 @@ Usage: python benchmarks/ray_arms.py {ray_chain,ray_serve} --config C --run-dir 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -40,7 +39,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bft.config import BftConfig, load_config
+from arm_cli import parse_args, single_engine
+
+from bft.config import BftConfig
 from bft.engines.vllm_engine import engine_kwargs, placement_bundles
 from bft.filters.base import Drop
 from bft.planning import load_templates
@@ -145,7 +146,7 @@ def ray_serve(cfg: BftConfig, run_dir: str, out_dir: Path) -> dict[str, Any]:
     ray.init(include_dashboard=False)
     templates = load_templates(cfg)
     light = {"num_cpus": cfg.ray.light_task_cpus}
-    stage = cfg.llm_stage(LLM_STAGES[0])  # every pass has the same engine settings
+    stage = single_engine(cfg)  # the deployment serves every pass
     low, high = stage.replicas
     llm_config = LLMConfig(
         model_loading_config=ModelLoadingConfig(model_id="bench", model_source=stage.model),
@@ -190,14 +191,7 @@ ARMS = {"ray_chain": ray_chain, "ray_serve": ray_serve}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("arm", choices=sorted(ARMS))
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--run-dir", required=True, help="a finished bft run of the same config and documents")
-    parser.add_argument("--out", required=True, help="JSON file for the measurements")
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    args, cfg = parse_args(ARMS, __doc__)
     os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "true")
     started = time.perf_counter()
     result = ARMS[args.arm](cfg, args.run_dir, Path(args.out).with_suffix("") / "parquet")

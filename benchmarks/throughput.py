@@ -36,8 +36,11 @@ from typing import Any
 
 from corpus import corpus_docs, synthetic_docs, write_jsonl
 from memory import run_measured
+from timeline import batch_spans
 
+from bft.config import StorageConfig
 from bft.stages import LLM_STAGES
+from bft.storage import Storage
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -91,9 +94,13 @@ def rates(entry: dict[str, Any], docs: int | None = None) -> dict[str, Any]:
     return entry
 
 
-def totals(stages: dict[str, dict]) -> dict[str, int]:
-    return {f"{k}_tokens": sum(stages[s].get(f"{k}_tokens") or 0 for s in LLM_STAGES)
-            for k in ("prompt", "completion", "cached")}
+def totals(stages: dict[str, dict]) -> dict[str, int | None]:
+    """Tokens over the stages; cached ones ``None`` (unknown) when a stage does not report them."""
+    out: dict[str, int | None] = {}
+    for kind in ("prompt", "completion", "cached"):
+        counts = [stages[s].get(f"{kind}_tokens") for s in LLM_STAGES]
+        out[f"{kind}_tokens"] = None if None in counts else sum(counts)
+    return out
 
 
 def cache_share(stages: dict[str, dict], names: tuple[str, ...] = ("curate", "rewrite")) -> float | None:
@@ -120,8 +127,26 @@ def run_bft(arm: str, config: Path, overrides: list[str], work: Path, docs: int)
                               "cached_tokens": s["cached_prompt_tokens"]})
     result = rates({**measured, **totals(stages), "pipeline_wall_s": manifest["wall_s"]}, docs)
     result.update(stages=stages, final_rows=manifest["final_rows"], engines=manifest["engines"],
-                  prefix_cache_hit_share=cache_share(stages))
+                  prefix_cache_hit_share=cache_share(stages), phases=phases(out / "bench", result))
     return result
+
+
+def phases(run_dir: Path, result: dict[str, Any]) -> dict[str, float]:
+    """Where a bft run's wall time went, from its stage files' batch times: the profile
+    that says how close to the engine alone it can get.
+
+    ``before_pipeline_s``: the command before and after the run proper (imports, config);
+    ``to_first_batch_s``: run start to the first batch entering an engine (Ray, reading,
+    filters, the engines' start-up); ``llm_span_s``: first batch in to last batch written.
+    """
+    spans = batch_spans(str(run_dir), Storage(StorageConfig()))
+    llm = [s for stage in LLM_STAGES for s in spans.get(stage, [])]
+    if not llm:
+        raise SystemExit(f"{run_dir}: no LLM stage wrote a file; nothing to time")
+    first_in = min(s[0] for s in llm)
+    return {"before_pipeline_s": round(result["wall_s"] - result["pipeline_wall_s"], 2),
+            "to_first_batch_s": round(first_in, 2),
+            "llm_span_s": round(max(s[1] for s in llm) - first_in, 2)}
 
 
 def run_arm(arm: str, config: Path, overrides: list[str], work: Path, docs: int) -> dict[str, Any]:

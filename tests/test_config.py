@@ -137,6 +137,16 @@ def test_gpu_example_config_is_valid():
     assert cfg.curate.workers_per_replica == 8 and cfg.generate.replicas == (1, 8)
 
 
+def test_gpu_shared_example_runs_all_passes_on_one_pool():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "examples" / "gpu-shared.yaml"))
+    assert cfg.engine.sharing == "shared" and cfg.engine_groups() == [("generate", "curate", "rewrite")]
+    assert cfg.generate.replicas == (1, 8) and cfg.generate.resources.gpus_per_worker == 1
+    # auto would choose the same layout: the three stages resolve to the same engine
+    auto = load_config(str(root / "examples" / "gpu-shared.yaml"), ["engine.sharing=auto"])
+    assert auto.engine_groups() == cfg.engine_groups()
+
+
 def test_readme_config_reference_matches_code():
     from bft.config import reference_markdown
 

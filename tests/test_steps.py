@@ -75,3 +75,20 @@ def test_llm_request_and_parse_round_trip(tmp_path, tiny_model):
     assert "EngineDeadError" in dropped["d4"]["detail"] and dropped["d4"]["instruction"]
     assert pq.read_table(tmp_path / "run" / "curated").num_rows == 1
     assert set(COLUMNS["generate"]) <= set(kept.schema.names)
+
+
+def test_rows_of_an_older_run_without_cached_token_columns_read_back(tmp_path, tiny_model):
+    """--from-stage over a run written before ``*_cached_tokens`` existed: the rows come
+    back with every column of the stage, the missing one null, nothing lost."""
+    from bft.steps.read import read_stage_outputs
+
+    ctx = context(tmp_path, tiny_model)
+    columns = COLUMNS["generate"]
+    rows = [{**doc(i, GOOD), "instruction": f"q{i}", "generate_cached_tokens": 5} for i in range(3)]
+    old = to_table(rows, columns).drop_columns(["generate_cached_tokens"])
+    path = tmp_path / "old.parquet"
+    pq.write_table(old, path)
+    out = pa.concat_tables(read_stage_outputs(pa.table({"path": [str(path)]}), ctx, "curate", columns))
+    assert out.schema.names == list(columns) and out.num_rows == 3
+    assert out.column("generate_cached_tokens").null_count == 3
+    assert out.column("instruction").to_pylist() == ["q0", "q1", "q2"]

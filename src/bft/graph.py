@@ -21,7 +21,7 @@ from bft.context import RunContext
 from bft.engines import apply_pools
 from bft.filters.dedup import Deduplicator
 from bft.planning import WorkPlan
-from bft.stages import COLUMNS, FOLDERS, LLM_STAGES, PREVIOUS
+from bft.stages import COLUMNS, FINAL, FOLDERS, LLM_STAGES, PREVIOUS
 from bft.steps.filter import filter_documents
 from bft.steps.read import read_files, read_stage_outputs
 from bft.steps.sft import build_sft
@@ -96,7 +96,7 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
         """The rows that join at ``stage``, read back from the stage before it."""
         if not plan.entries.get(stage):
             return None
-        columns = list(COLUMNS[PREVIOUS[stage]])
+        columns = COLUMNS[PREVIOUS[stage]]
         return files(plan.entries[stage]).map_batches(
             partial(read_stage_outputs, ctx=ctx, stage=stage, columns=columns),
             batch_size=1, batch_format="pyarrow", num_cpus=light)
@@ -109,7 +109,7 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
         ds = ds.map_batches(partial(filter_documents, ctx=ctx), batch_format="pyarrow",
                             batch_size=cfg.input.rows_per_block, num_cpus=light)
     ds = apply_pools(ds, ctx, [s for s in plan.stages if s in LLM_STAGES], joining)
-    if (sft_rows := joining("sft")) is not None:
+    if (sft_rows := joining(FINAL)) is not None:
         ds = sft_rows if ds is None else ds.union(sft_rows)
     if ds is None:  # nothing to read and no row waiting anywhere (plan.empty is checked first)
         return

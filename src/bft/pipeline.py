@@ -18,7 +18,7 @@ from bft.graph import RunFailed, run_dataset
 from bft.planning import (RunResult, completed_marker, load_templates, new_run_id, plan_work,
                           previous_run_for_date, started_marker, unfinished_run_for_date)
 from bft.resume import scan_run
-from bft.stages import FOLDERS, LLM_STAGES, RESTARTABLE
+from bft.stages import FOLDERS, JOINABLE, LLM_STAGES, RESTARTABLE
 from bft.storage import Storage, join
 from bft.writers.manifest import build_manifest, write_manifest
 from bft.writers.parquet import StageWriter
@@ -94,7 +94,7 @@ def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> int:
     writer = StageWriter(storage, run_uri)
     state = scan_run(storage, run_uri)
     total = 0
-    for stage in (*LLM_STAGES, "sft"):
+    for stage in JOINABLE:  # every stage after filter
         lost = []
         for uri in state.unfinished(stage):
             with storage.open(uri, "rb") as fh:

@@ -14,10 +14,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bft.config import BftConfig
-from bft.prompts import PromptTemplate, load_template
+from bft.prompts import PromptTemplate, load_template, same_frames
 from bft.readers import ColumnMapping, InputError, read_file
 from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
-from bft.stages import FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
+from bft.stages import FINAL, FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
 from bft.storage import Storage, detect_format, join
 from bft.writers.parquet import DROPPED_DIR, parquet_files
 
@@ -69,8 +69,8 @@ def new_run_id() -> str:
 
 
 def load_templates(cfg: BftConfig) -> dict[str, PromptTemplate]:
-    return {name: load_template(name, cfg.llm_stage(name).prompt_template, step.REQUIRED_PLACEHOLDERS,
-                                step.PLACEHOLDERS) for name, step in STEPS.items()}
+    return same_frames({name: load_template(name, cfg.llm_stage(name).prompt_template, step.REQUIRED_PLACEHOLDERS,
+                                            step.PLACEHOLDERS) for name, step in STEPS.items()})
 
 
 def list_inputs(cfg: BftConfig, storage: Storage) -> list[str]:
@@ -126,7 +126,7 @@ def stage_inputs(storage: Storage, source_run_uri: str, from_stage: str) -> tupl
 def clear_stages(storage: Storage, run_uri: str, stages: list[str]) -> None:
     """Remove earlier outputs of ``stages`` (and the final dataset) before they are redone."""
     doomed = []
-    for stage in [*stages, "sft"]:
+    for stage in [*stages, FINAL]:
         doomed += storage.list_files(join(run_uri, FOLDERS[stage]))
     doomed += [f for f in storage.list_files(join(run_uri, DROPPED_DIR))
                if f.rsplit("/", 1)[-1].split("-", 1)[0] in stages]

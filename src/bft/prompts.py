@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 SECTION_RE = re.compile(r"^###\s*(system|user)\s*$", re.MULTILINE)
 PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
-# Tags a template frames its values with (<document>...</document>, <request>).
-TAG_RE = re.compile(r"</?\s*([A-Za-z][\w-]*)\s*>")
+# Tags a template frames its values with (<document>...</document>, <request>,
+# <document id="web">).
+TAG_RE = re.compile(r"</?\s*([A-Za-z][\w-]*)(?:\s[^<>]*)?>")
 # What a look-alike tag inside a value starts with instead of "<" (single left angle
 # quotation mark): the text reads the same, but cannot close the template's own block.
 DEFUSED = "\u2039"
@@ -38,6 +40,10 @@ class PromptTemplate:
     sha256: str = ""
     """SHA-256 of the template file as stored (what ``sha256sum FILE`` prints), recorded
     with every output row: any change to the file, however small, shows."""
+    run_tags: frozenset[str] = field(default=frozenset(), compare=False)
+    """Frame tags of the run's other templates, defused in values too: a document must
+    read the same in every pass (``<request>`` in a page defused in curate's prompt but
+    not in generate's would change its block, and its cached prefix would not match)."""
 
     @property
     def placeholders(self) -> set[str]:
@@ -48,13 +54,17 @@ class PromptTemplate:
         """Names of the tags the template itself writes (``document``, ``request``)."""
         return {name.lower() for name in TAG_RE.findall((self.system or "") + self.user)}
 
+    @cached_property
+    def _look_alike(self) -> re.Pattern[str] | None:
+        tags = self.frame_tags | self.run_tags
+        return re.compile(r"<(?=\s*/?\s*(?:%s)\b)" % "|".join(map(re.escape, sorted(tags))),
+                          re.IGNORECASE) if tags else None
+
     def messages(self, **values: str) -> list[dict[str, str]]:
         """Render to chat messages, filling placeholders with ``values``. Web text cannot
         end the block it sits in: a tag in a value that the template also writes (a page
         holding ``</document>`` and a task of its own) is defused (its ``<`` replaced)."""
-        tags = self.frame_tags
-        look_alike = re.compile(r"<(?=\s*/?\s*(?:%s)\b)" % "|".join(map(re.escape, sorted(tags))),
-                                re.IGNORECASE) if tags else None
+        look_alike = self._look_alike
 
         def safe(value: str) -> str:
             return look_alike.sub(DEFUSED, value) if look_alike else value
@@ -114,6 +124,13 @@ def load_template(stage: str, path: str | None, required: set[str], allowed: set
     except UnicodeDecodeError as exc:
         raise TemplateError(f"{path}: not UTF-8 text ({exc})") from None
     return parse_template(text, str(file), required, allowed)
+
+
+def same_frames(templates: dict[str, PromptTemplate]) -> dict[str, PromptTemplate]:
+    """The templates of one run, each defusing every template's frame tags (see
+    ``PromptTemplate.run_tags``)."""
+    tags = frozenset().union(*(t.frame_tags for t in templates.values()))
+    return {name: replace(t, run_tags=tags) for name, t in templates.items()}
 
 
 def builtin_template_texts() -> list[str]:

@@ -77,6 +77,8 @@ LLM_STAGES: tuple[str, ...] = tuple(stage.name for stage in PIPELINE if stage.st
 STEPS: dict[str, LLMStep] = {stage.name: stage.step for stage in PIPELINE if stage.step}
 # Stages a run can start from (``--from-stage``): all but the first and the last.
 RESTARTABLE: tuple[str, ...] = ORDER[1:-1]
+# The stage that writes the final dataset.
+FINAL: str = ORDER[-1]
 # Stages rows can join at on resume (read back from the stage before).
 JOINABLE: tuple[str, ...] = ORDER[2:]
 # Every dropped row, from any stage: where it came from, why it left, the outputs each LLM

@@ -79,6 +79,12 @@ def check_results(results: dict, arms_run: tuple[str, ...], work) -> None:
     for arm in arms.values():
         assert arm["peak_pss_total_mb"] > 0 and arm["peak_rss_driver_mb"] > 0
     assert arms["bft"]["peak_rss_workers_mb"] > 0  # Ray workers and engines were seen
+    # bft's profile: fixed costs, then the engines' span, within the command's wall time
+    for name in [a for a in arms_run if a.startswith("bft")]:
+        ph, arm = arms[name]["phases"], arms[name]
+        assert ph["before_pipeline_s"] > 0 and ph["to_first_batch_s"] > 0 and ph["llm_span_s"] > 0, ph
+        # (each figure rounded to 0.01 s)
+        assert ph["to_first_batch_s"] + ph["llm_span_s"] <= arm["pipeline_wall_s"] + 0.02 <= arm["wall_s"] + 0.02, ph
     # The shared engine reports prefix-cache hits (a ray.data.llm pool per stage does not).
     bft = arms["bft"]["stages"]
     assert arms["bft"]["prefix_cache_hit_share"] == round(

@@ -92,7 +92,9 @@ def finish_batch(batch: pa.Table, name: str, ctx: RunContext) -> pa.Table:
         base = {k: v for k, v in row.items() if k not in _ENGINE_COLUMNS}
         is_kept, record = outcome(base, step, stage, _reply(row))
         (kept if is_kept else dropped).append(record)
-    ctx.writer.write(name, kept, dropped, started)
+    # replace: a batch run again (a replica lost, lineage re-executed) may split its rows
+    # differently; the side it no longer has must not stay behind.
+    ctx.writer.write(name, kept, dropped, started, replace=True)
     return to_table(kept, COLUMNS[name])
 
 

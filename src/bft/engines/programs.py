@@ -136,5 +136,9 @@ async def run_batch(ledger: BatchLedger, starts: list[tuple[dict, int]], passes:
     except BaseException:
         for task in tasks:
             task.cancel()
+        # Collect the cancelled tasks' outcomes (no "exception never retrieved" noise). A
+        # stage write already in its thread may still land: harmless, the retry of this
+        # batch writes the same file names and replaces them.
+        await asyncio.gather(*tasks, return_exceptions=True)
         raise
     return ledger.kept[ledger.names[-1]]

@@ -1,7 +1,8 @@
 """One pool of vLLM replicas for consecutive LLM stages on the same model and engine
 settings. Each replica runs every row of a batch through its passes (``programs.py``):
 generate -> parse -> curate -> parse -> rewrite, each request submitted to the replica's
-async engine as soon as the previous one parsed, many batches at once. Continuous batching
+engine (``vllm_engine.start_engine``: vLLM's async engine, or one stepped in this process)
+as soon as the previous one parsed, many batches at once. Continuous batching
 then mixes all passes, and a document's next pass finds its prefix (system message +
 document) still in vLLM's prefix cache.
 
@@ -62,7 +63,7 @@ def _log_to_stderr() -> None:
 
 
 class SharedEngine:
-    """One replica of the shared pool (a Ray Data actor): one vLLM async engine."""
+    """One replica of the shared pool (a Ray Data actor): one vLLM engine taking requests from asyncio."""
 
     def __init__(self, names: tuple[str, ...], ctx: RunContext):
         _log_to_stderr()

@@ -204,7 +204,8 @@ class AsyncEngine:
 def program_engine_kwargs(stage: LLMStageConfig) -> dict[str, Any]:
     """Engine arguments for documents' multi-pass programs (``programs.py``): requests
     carry priorities (a document's later passes first), which vLLM honours only with its
-    priority scheduler; ``engine_kwargs.scheduling_policy`` may still say otherwise."""
+    priority scheduler. ``engine_kwargs.scheduling_policy: fcfs`` still wins: the
+    priorities are then ignored and later passes lose their head start (fewer prefix hits)."""
     kwargs = engine_kwargs(stage)
     kwargs.setdefault("scheduling_policy", "priority")
     return kwargs

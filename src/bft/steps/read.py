@@ -66,15 +66,22 @@ def read_files(batch: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
             ctx.storage.write_bytes(stats_uri(ctx.run_uri, uri), json.dumps(record).encode())
 
 
-def read_stage_outputs(batch: pa.Table, ctx: RunContext, stage: str, columns: list[str]) -> Iterator[pa.Table]:
+def read_stage_outputs(batch: pa.Table, ctx: RunContext, stage: str,
+                       columns: dict[str, pa.DataType]) -> Iterator[pa.Table]:
     """Stream rows of an earlier stage's Parquet (column ``path``) back in, to enter the
     pipeline at ``stage`` (``--from-stage``, or resume); rows ``stage`` already finished
-    in an earlier attempt are left out."""
+    in an earlier attempt are left out. A column the file lacks (written by an older bft,
+    e.g. before ``*_cached_tokens``) comes back null."""
     finished = ctx.finished_rows()
     for uri in batch.column("path").to_pylist():
         with ctx.storage.open(uri, "rb") as fh:
-            for record_batch in pq.ParquetFile(fh).iter_batches(columns=columns):
+            parquet = pq.ParquetFile(fh)
+            present = [name for name in columns if name in parquet.schema_arrow.names]
+            for record_batch in parquet.iter_batches(columns=present):
                 table = pa.Table.from_batches([record_batch])
+                for i, (name, dtype) in enumerate(columns.items()):
+                    if name not in present:
+                        table = table.add_column(i, pa.field(name, dtype), pa.nulls(table.num_rows, dtype))
                 if finished is not None and finished.count(stage):
                     done = finished.mask(stage, table.column("source").to_pylist(),
                                          table.column("source_row").to_pylist())

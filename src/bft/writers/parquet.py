@@ -42,12 +42,13 @@ def dropped_files(storage: Storage, run_uri: str, stage: str) -> list[str]:
 def batch_name(stage: str, rows: list[dict]) -> str:
     """The name of a batch's files: a digest of the stage and its rows' identities."""
     h = hashlib.sha1(stage.encode())
-    for source, source_row in sorted((str(r.get("source")), int(r.get("source_row") or 0)) for r in rows):
+    for source, source_row in sorted(identities(rows)):
         h.update(b"\0" + source.encode("utf-8", "surrogatepass") + b"#" + str(source_row).encode())
     return h.hexdigest()[:20]
 
 
 def identities(rows: list[dict]) -> set[tuple[str, int]]:
+    """The rows' (source, source_row): what names a batch, whatever its split."""
     return {(r["source"], r["source_row"]) for r in rows}
 
 
