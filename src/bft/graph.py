@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from bft.config import BftConfig
 from bft.context import RunContext
-from bft.engines import apply_pools
+from bft.engines import apply_pools, union
 from bft.filters.dedup import Deduplicator
 from bft.planning import WorkPlan
 from bft.stages import COLUMNS, FINAL, FOLDERS, LLM_STAGES, PREVIOUS
@@ -109,8 +109,7 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
         ds = ds.map_batches(partial(filter_documents, ctx=ctx), batch_format="pyarrow",
                             batch_size=cfg.input.rows_per_block, num_cpus=light)
     ds = apply_pools(ds, ctx, [s for s in plan.stages if s in LLM_STAGES], joining)
-    if (sft_rows := joining(FINAL)) is not None:
-        ds = sft_rows if ds is None else ds.union(sft_rows)
+    ds = union(ds, joining(FINAL))
     if ds is None:  # nothing to read and no row waiting anywhere (plan.empty is checked first)
         return
     ds = ds.map_batches(partial(build_sft, ctx=ctx), batch_format="pyarrow", num_cpus=light)

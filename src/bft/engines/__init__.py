@@ -47,7 +47,7 @@ def apply_pools(ds: Any, ctx: RunContext, stages: list[str], joining: Callable[[
             continue
         if pool.kind == "per_stage":
             (name,) = names
-            ds = _union(ds, joining(name))
+            ds = union(ds, joining(name))
             if ds is not None:
                 ds = per_stage.apply(ds, name, ctx)
             continue
@@ -57,13 +57,14 @@ def apply_pools(ds: Any, ctx: RunContext, stages: list[str], joining: Callable[[
                 branches.append(shared.conform(rows, names, name, light))
         ds = None
         for branch in branches:
-            ds = _union(ds, branch)
+            ds = union(ds, branch)
         if ds is not None:
             ds = shared.apply(ds, names, ctx)
     return ds
 
 
-def _union(ds: Any, other: Any) -> Any:
+def union(ds: Any, other: Any) -> Any:
+    """Two datasets as one stream; either may be ``None`` (no rows)."""
     if other is None:
         return ds
     return other if ds is None else ds.union(other)
