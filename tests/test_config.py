@@ -135,6 +135,7 @@ def test_gpu_example_config_is_valid():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(str(root / "examples" / "gpu.yaml"))
     assert cfg.curate.workers_per_replica == 8 and cfg.generate.replicas == (1, 8)
+    assert cfg.generate.lora == "s3://my-bucket/adapters/backward" and cfg.train.use_gpu and cfg.seed.uri
 
 
 def test_gpu_shared_example_runs_all_passes_on_one_pool():

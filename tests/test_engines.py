@@ -260,11 +260,13 @@ class FakeVllm:
     def __init__(self):
         self.stages: list[str] = []
         self.priorities: dict[str, int] = {}
+        self.adapters: dict[str, set] = {}
 
-    async def generate(self, request_id, prompt, params, priority=0):
+    async def generate(self, request_id, prompt, params, priority=0, lora_request=None):
         stage = next(s for marker, s in self.TASKS.items() if marker in prompt)
         self.stages.append(stage)
         self.priorities[stage] = priority
+        self.adapters.setdefault(stage, set()).add(lora_request and (lora_request.lora_name, lora_request.lora_path))
         return fake_output(FakeEngine.REPLIES[stage].format(score=5))
 
     def shutdown(self):
@@ -278,11 +280,17 @@ def test_a_shared_replica_takes_rows_joining_at_any_stage(run, monkeypatch):
     from bft.engines import shared
     from bft.schema import to_table
 
+    from bft.engines.adapters import Adapter
+
     cfg, templates, run_uri = run
     engine = FakeVllm()
-    monkeypatch.setattr(shared, "start_engine", lambda stage: engine)
+    started_with = {}
+    monkeypatch.setattr(shared, "start_engine", lambda stage, extra=None: started_with.update(extra) or engine)
+    # generate and curate on adapters of their own, rewrite on the base model
+    adapters = {name: Adapter(name, f"/adapters/{name}", sha * 64, 8, ("adapter_config.json",))
+                for name, sha in (("generate", "a"), ("curate", "b"))}
     replica = shared.SharedEngine(LLM_STAGES, RunContext(config=cfg, storage=STORAGE, run_uri=run_uri,
-                                                         templates=templates))
+                                                         templates=templates, adapters=adapters))
     generated = {**filtered_row(2), "instruction": "Why repot?", "generate_raw": "Why repot?"}
     batch = pa.concat_tables([
         shared.mark_entry(to_table([filtered_row(1)], COLUMNS["filter"]), LLM_STAGES, "generate"),
@@ -297,6 +305,10 @@ def test_a_shared_replica_takes_rows_joining_at_any_stage(run, monkeypatch):
     assert sorted(engine.stages) == ["curate", "curate", "generate", "rewrite", "rewrite"]
     # a document's later passes go ahead of new documents' first ones
     assert engine.priorities["rewrite"] < engine.priorities["curate"] < engine.priorities["generate"]
+    # one engine, each stage's requests on its own adapter
+    assert started_with == {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
+    assert engine.adapters == {"generate": {(adapters["generate"].name, "/adapters/generate")},
+                               "curate": {(adapters["curate"].name, "/adapters/curate")}, "rewrite": {None}}
     assert [r["id"] for r in stage_rows(run_uri, "generate")[0]] == ["d1"]
     assert sorted(r["id"] for r in stage_rows(run_uri, "curate")[0]) == ["d1", "d2"]
     assert {r["rewrite_cached_tokens"] for r in stage_rows(run_uri, "rewrite")[0]} == {40}
@@ -312,7 +324,7 @@ class FakeLLMEngine:
         self.pending: dict[str, str] = {}
         self.aborted: list[str] = []
 
-    def add_request(self, request_id, prompt, params, priority=0):
+    def add_request(self, request_id, prompt, params, priority=0, lora_request=None):
         if prompt["prompt"] == "bad":
             raise ValueError("prompt refused")
         self.pending[request_id] = prompt["prompt"]

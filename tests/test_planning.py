@@ -23,7 +23,7 @@ from bft.writers.parquet import StageWriter
 STORAGE = Storage(StorageConfig())
 
 
-def fake_run_dataset(cfg, plan, storage, run_uri, templates, budgets) -> None:
+def fake_run_dataset(cfg, plan, storage, run_uri, templates, budgets, adapters=None) -> None:
     """Reads each input file for real and drops every document at filter."""
     writer = StageWriter(storage, run_uri)
     for uri in plan.input_files:

@@ -39,7 +39,7 @@ def test_everything_about_a_stage_follows_from_the_registry():
     assert {f"{n}_{k}" for n in stages.LLM_STAGES for k in ("model", "prompt_sha256")} <= set(sft)
     assert stages.producer_of("instruction") == "generate" and stages.producer_of("document") is None
     assert list(stages.DROPPED_COLUMNS) == ["id", "url", "source", "source_row", "stage", "reason", "detail", "text",
-                                            "instruction", "score", "raw_output", "prompt_tokens",
+                                            "instruction", "few_shot_ids", "score", "raw_output", "prompt_tokens",
                                             "completion_tokens", "cached_tokens"]
 
 

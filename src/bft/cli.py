@@ -1,4 +1,4 @@
-"""Command line: ``bft run``, ``bft report``, ``bft submit``, ``bft tiny-model``."""
+"""Command line: ``bft run``, ``bft train``, ``bft report``, ``bft submit``, ``bft tiny-model``."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"manifest: {result.manifest_uri}")
         return 0
     print()
-    print(f"run {result.run_id}: {manifest['final_rows']} SFT examples in {manifest['wall_s']:.1f} s")
+    seeds = f" (+ {manifest['seed_rows']} seed pairs)" if manifest.get("seed_rows") else ""
+    print(f"run {result.run_id}: {manifest['final_rows']} SFT examples{seeds} in {manifest['wall_s']:.1f} s")
     print(_summary(manifest))
     from bft.stages import FOLDERS
     from bft.writers.parquet import DROPPED_DIR
@@ -146,6 +147,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from bft.config import load_config
+    from bft.training.run import PLOT_FILE, RECORD_FILE, train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, args.direction, args.out, add_runs=args.add_run, merge=args.merge)
+    record = result.record
+    losses = [h["loss"] for h in record["loss"]]
+    resumed = f", resumed at step {record['resumed_from_step']}" if record["resumed_from_step"] is not None else ""
+    print()
+    print(f"trained a {args.direction} LoRA adapter on {record['data']['examples']} examples "
+          f"({record['data']['seed']['pairs']} seed pairs + {record['data']['pairs'] - record['data']['seed']['pairs']} "
+          f"run pairs; {record['data']['left_out_too_long']} left out as too long) in {record['steps_done']} steps"
+          f"{resumed}, {record['wall_s']:.1f} s")
+    print(f"loss: {losses[0]:.4f} at step 1 -> {losses[-1]:.4f} at step {len(losses)}"
+          + (f"; {record['s_per_step']:.3f} s/step" if record["s_per_step"] else ""))
+    print(f"adapter:  {result.adapter_uri}  (sha256 {record['adapter']['sha256'][:16]}...)")
+    if record["merged"]:
+        print(f"merged:   {record['merged']}")
+    print(f"record:   {result.out_uri}/{RECORD_FILE}, {result.out_uri}/{PLOT_FILE}")
+    stage = "generate" if args.direction == "backward" else "curate"
+    print(f"use it:   bft run {args.config} --set {stage}.lora={result.out_uri}")
+    return 0
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from bft.config import reference_markdown
 
@@ -212,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--corpus", help="extra text file to train the tokenizer on")
     tiny.set_defaults(func=cmd_tiny_model)
+
+    tr = sub.add_parser("train", help="LoRA-tune a model on the seed pairs (seed.uri) with Ray Train")
+    tr.add_argument("config", help="YAML config: seed.*, train.* and the stages' models")
+    tr.add_argument("--direction", required=True, choices=["backward", "forward"],
+                    help="backward: response -> instruction (generate's backtranslation model); "
+                         "forward: instruction -> response (the seed model, for curate)")
+    tr.add_argument("--out", required=True, help="output folder (local or s3://): adapter/, checkpoints/, "
+                                                 "training_record.json, loss.png; the same --out resumes")
+    tr.add_argument("--add-run", action="append", default=[], metavar="RUN_URI",
+                    help="also train on a finished run's final pairs (its sft/), e.g. for a second iteration "
+                         "(repeatable)")
+    tr.add_argument("--merge", action="store_true", help="also write the base model with the adapter merged in")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set train.epochs=1 (repeatable)")
+    tr.set_defaults(func=cmd_train)
 
     ref = sub.add_parser("config-reference", help="print every config field with its default (Markdown)")
     ref.set_defaults(func=cmd_config_reference)

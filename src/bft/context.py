@@ -24,6 +24,8 @@ class RunContext:
     # Rows earlier attempts of this run finished (``resume.FinishedRows``), as a Ray
     # object reference so the arrays travel once per node, not once per task.
     finished: Any = None
+    # The LoRA adapter of each stage that runs with one (``engines/adapters.py``).
+    adapters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def writer(self) -> StageWriter:

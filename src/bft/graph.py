@@ -70,7 +70,7 @@ def init_ray(cfg: BftConfig) -> None:
 
 
 def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
-                templates: dict[str, Any], budgets: list[Any]) -> None:
+                templates: dict[str, Any], budgets: list[Any], adapters: dict[str, Any] | None = None) -> None:
     """Build the Ray Data pipeline for ``plan`` and drive it to its end."""
     import ray
 
@@ -86,7 +86,7 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
         if plan.finished is not None:
             seed_dedup(dedup, storage, run_uri, light)
     ctx = RunContext(config=cfg, storage=storage, run_uri=run_uri, templates=templates,
-                     token_budgets=budgets, dedup=dedup,
+                     token_budgets=budgets, dedup=dedup, adapters=adapters or {},
                      finished=ray.put(plan.finished) if plan.finished is not None else None)
 
     def files(uris: list[str]) -> Any:

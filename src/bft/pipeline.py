@@ -13,12 +13,15 @@ import pyarrow.parquet as pq
 
 from bft.config import BftConfig
 from bft.engines import layout
+from bft.engines.adapters import resolve_adapters
 from bft.filters.token_length import token_budgets
 from bft.graph import RunFailed, run_dataset
 from bft.planning import (RunResult, completed_marker, load_templates, new_run_id, plan_work,
                           previous_run_for_date, started_marker, unfinished_run_for_date)
 from bft.resume import scan_run
+from bft.seed import load_seed
 from bft.stages import FOLDERS, JOINABLE, LLM_STAGES, RESTARTABLE
+from bft.steps.sft import write_seed_pairs
 from bft.storage import Storage, join
 from bft.writers.manifest import build_manifest, write_manifest
 from bft.writers.parquet import StageWriter
@@ -38,14 +41,19 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         log.info("date %s: run %s started earlier and did not finish; resuming it", cfg.date, run_id)
     run_id = run_id or new_run_id()
     run_uri = join(cfg.output.uri, run_id)
-    templates = load_templates(cfg)
+    seeds = load_seed(cfg.seed, storage) if cfg.seed.uri else None
+    templates = load_templates(cfg, seeds)
+    adapters = resolve_adapters(cfg, storage)
     prompt_sha256 = {name: t.sha256 for name, t in templates.items()}
     if from_stage is not None and from_stage not in RESTARTABLE:
         raise ValueError(f"--from-stage must be one of {', '.join(RESTARTABLE)}, got {from_stage!r}")
 
     # Everything that can fail cheaply fails here, before Ray or any model starts.
     storage.check_writable(cfg.output.uri)
-    plan = plan_work(cfg, storage, run_id, run_uri, from_stage, from_run, prompt_sha256)
+    # What else the rows depend on, checked like the config when the run is resumed.
+    inputs_sha256 = {**({"seed pairs": seeds.sha256} if seeds else {}),
+                     **{f"{name}.lora": adapter.sha256 for name, adapter in adapters.items()}}
+    plan = plan_work(cfg, storage, run_id, run_uri, from_stage, from_run, prompt_sha256, inputs_sha256)
     if cfg.date is not None and from_stage is None and plan.resume is None:
         storage.write_bytes(started_marker(cfg), json.dumps({"date": cfg.date, "run_id": run_id}).encode())
     budgets = token_budgets(cfg, templates)  # loads every tokenizer: bad model paths fail here
@@ -61,16 +69,25 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
             extra={"from_stage": from_stage, "from_run": from_run, "date": cfg.date, "resume": plan.resume,
                    "models": {name: cfg.llm_stage(name).model for name in LLM_STAGES},
                    "engines": [{"stages": stages, "kind": kind} for kind, stages in pools],
-                   "prompt_sha256": prompt_sha256})
+                   "prompt_sha256": prompt_sha256,
+                   "adapters": {name: adapter.summary() for name, adapter in adapters.items()},
+                   "seed": seeds.summary() if seeds else None})
+
+    def add_seed_pairs() -> None:
+        if cfg.output.seed_mix and seeds is not None:
+            count = write_seed_pairs(storage, run_uri, cfg, seeds)
+            log.info("run %s: %d seed pairs added to the final dataset (output.seed_mix)", run_id, count)
 
     if plan.empty:
         log.info("run %s: nothing left to do; rebuilding its manifest", run_id)
+        add_seed_pairs()
         manifest = manifest_now()
     else:
         log.info("run %s: %d input file(s) to read, stages %s -> %s; engine pools: %s", run_id,
                  len(plan.input_files), " -> ".join(plan.stages), run_uri,
                  ", ".join(f"{kind} ({' + '.join(stages)})" for kind, stages in pools))
-        run_dataset(cfg, plan, storage, run_uri, templates, budgets)
+        run_dataset(cfg, plan, storage, run_uri, templates, budgets, adapters)
+        add_seed_pairs()
         manifest = manifest_now()
         # Counts that do not add up after a stream that ran to its end mean batches Ray
         # Data gave up on; record their rows, then count again.

@@ -8,15 +8,16 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from bft.config import BftConfig
-from bft.prompts import PromptTemplate, load_template, same_frames
+from bft.prompts import PromptTemplate, Shot, load_template, same_frames
 from bft.readers import ColumnMapping, InputError, read_file
 from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
+from bft.seed import SeedSet
 from bft.stages import FINAL, FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
 from bft.storage import Storage, detect_format, join
 from bft.writers.parquet import DROPPED_DIR, parquet_files
@@ -68,9 +69,20 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-def load_templates(cfg: BftConfig) -> dict[str, PromptTemplate]:
-    return same_frames({name: load_template(name, cfg.llm_stage(name).prompt_template, step.REQUIRED_PLACEHOLDERS,
-                                            step.PLACEHOLDERS) for name, step in STEPS.items()})
+def load_templates(cfg: BftConfig, seeds: SeedSet | None = None) -> dict[str, PromptTemplate]:
+    """The run's templates; a stage with ``few_shot.k`` gets the seed pairs as its examples."""
+    templates = {}
+    for name, step in STEPS.items():
+        template = load_template(name, cfg.llm_stage(name).prompt_template, step.REQUIRED_PLACEHOLDERS,
+                                 step.PLACEHOLDERS)
+        shots = getattr(cfg.llm_stage(name), "few_shot", None)
+        if shots is not None and shots.k:
+            if seeds is None:
+                raise ValueError(f"{name}.few_shot needs the seed pairs (seed.uri)")
+            pool = tuple(Shot(pair.id, *step.shot(pair)) for pair in seeds.pairs)
+            template = replace(template, shot_pool=pool, shots_per_prompt=shots.k, shot_seed=shots.seed)
+        templates[name] = template
+    return same_frames(templates)
 
 
 def list_inputs(cfg: BftConfig, storage: Storage) -> list[str]:
@@ -153,7 +165,10 @@ class WorkPlan:
 
 
 def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_stage: str | None,
-              from_run: str | None, prompt_sha256: dict[str, str]) -> WorkPlan:
+              from_run: str | None, prompt_sha256: dict[str, str],
+              inputs_sha256: dict[str, str] | None = None) -> WorkPlan:
+    """``inputs_sha256``: digests of what else the run's rows depend on (seed pairs, each
+    stage's adapter), checked like the config when the run is resumed."""
     in_place = from_run in (None, run_id)
     if from_stage == "filter" and not in_place:
         raise ValueError("--from-stage filter reads the input again, not another run's files: "
@@ -165,13 +180,13 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
             clear_stages(storage, run_uri, stages)
             # The stages redone now may run with another config (a new threshold, prompt
             # or model): a later resume of this run is checked against the config in force.
-            write_run_record(storage, run_uri, cfg, prompt_sha256)
+            write_run_record(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
         return WorkPlan(stages, [], {from_stage: files},
                         manifest_start="read" if in_place else from_stage, first_stage_input=rows_in)
 
     inputs = list_inputs(cfg, storage)
     if not storage.list_files(run_uri):
-        write_run_record(storage, run_uri, cfg, prompt_sha256)
+        write_run_record(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
         preflight(cfg, storage, inputs)
         return WorkPlan(list(RESTARTABLE), inputs, inputs_total=len(inputs))
 
@@ -179,9 +194,9 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
         # Filtering again in place: forget what filter and later stages wrote, then the
         # resume below re-reads every input file (rows dropped by read stay dropped).
         clear_stages(storage, run_uri, list(RESTARTABLE))
-        write_run_record(storage, run_uri, cfg, prompt_sha256)
+        write_run_record(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
     # The run id exists: resume it, doing only what no earlier attempt finished.
-    check_same_run(storage, run_uri, cfg, prompt_sha256)
+    check_same_run(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
     state = scan_run(storage, run_uri)
     to_read = [f for f in inputs if not state.input_done(f)]
     unfinished = {stage: state.unfinished(stage) for stage in JOINABLE}

@@ -10,11 +10,13 @@ braces inside web documents are never interpreted.
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 SECTION_RE = re.compile(r"^###\s*(system|user)\s*$", re.MULTILINE)
 PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
@@ -31,6 +33,17 @@ class TemplateError(ValueError):
 
 
 @dataclass(frozen=True)
+class Shot:
+    """A worked example shown before the real task: the template filled with ``values``,
+    answered with ``answer`` (generate: a seed pair's response as the document, its
+    instruction as the answer)."""
+
+    id: str
+    values: dict[str, str] = field(hash=False)
+    answer: str
+
+
+@dataclass(frozen=True)
 class PromptTemplate:
     """A parsed prompt template: optional system text and a user text."""
 
@@ -44,6 +57,27 @@ class PromptTemplate:
     """Frame tags of the run's other templates, defused in values too: a document must
     read the same in every pass (``<request>`` in a page defused in curate's prompt but
     not in generate's would change its block, and its cached prefix would not match)."""
+    shot_pool: tuple[Shot, ...] = field(default=(), compare=False, repr=False)
+    """Examples to draw from (``generate.few_shot``); empty: no examples."""
+    shots_per_prompt: int = 0
+    shot_seed: int = 0
+
+    def draw(self, key: str) -> list[Shot]:
+        """The examples shown with the document ``key``: the same for the same key and seed
+        in every process (``random.Random`` seeds a string through SHA-512, not ``hash()``)."""
+        if not self.shots_per_prompt or not self.shot_pool:
+            return []
+        rng = random.Random(f"{self.shot_seed}\0{key}")
+        picks = rng.sample(range(len(self.shot_pool)), min(self.shots_per_prompt, len(self.shot_pool)))
+        return [self.shot_pool[i] for i in picks]
+
+    def longest_shots(self, measure: Callable[[list[str]], list[int]] | None = None) -> list[Shot]:
+        """The examples that make the longest prompt (what the token budget allows for),
+        by ``measure`` (texts -> sizes, e.g. token counts; default: characters)."""
+        texts = ["\n".join([*shot.values.values(), shot.answer]) for shot in self.shot_pool]
+        sizes = measure(texts) if measure and texts else [len(t) for t in texts]
+        ranked = sorted(range(len(texts)), key=lambda i: -sizes[i])
+        return [self.shot_pool[i] for i in ranked[:self.shots_per_prompt]]
 
     @property
     def placeholders(self) -> set[str]:
@@ -60,8 +94,9 @@ class PromptTemplate:
         return re.compile(r"<(?=\s*/?\s*(?:%s)\b)" % "|".join(map(re.escape, sorted(tags))),
                           re.IGNORECASE) if tags else None
 
-    def messages(self, **values: str) -> list[dict[str, str]]:
-        """Render to chat messages, filling placeholders with ``values``. Web text cannot
+    def messages(self, shots: tuple[Shot, ...] | list[Shot] = (), **values: str) -> list[dict[str, str]]:
+        """Render to chat messages, filling placeholders with ``values``; ``shots`` come
+        first, each as a user turn and the assistant's answer. Web text cannot
         end the block it sits in: a tag in a value that the template also writes (a page
         holding ``</document>`` and a task of its own) is defused (its ``<`` replaced)."""
         look_alike = self._look_alike
@@ -75,6 +110,10 @@ class PromptTemplate:
         out = []
         if self.system:
             out.append({"role": "system", "content": fill(self.system)})
+        for shot in shots:
+            out.append({"role": "user", "content": PLACEHOLDER_RE.sub(lambda m: safe(shot.values[m.group(1)]),
+                                                                      self.user)})
+            out.append({"role": "assistant", "content": shot.answer})
         out.append({"role": "user", "content": fill(self.user)})
         return out
 

@@ -40,7 +40,7 @@ from bft.writers.parquet import DROPPED_DIR, parquet_files
 RUN_RECORD = "_run/config.json"
 # Fields that change how a run is scheduled or reported, not what it produces: they may
 # differ between attempts of one run (e.g. resume on a bigger cluster).
-SCHEDULING_FIELDS = {"ray", "storage", "report", "engine", "input.rows_per_block", "filters.dedup_shards",
+SCHEDULING_FIELDS = {"ray", "storage", "report", "engine", "train", "input.rows_per_block", "filters.dedup_shards",
                      *(f"{stage}.{name}" for stage in LLM_STAGES
                        for name in ("replicas", "batch_size", "max_concurrent_batches", "resources", "env_vars"))}
 _EMPTY = np.zeros(0, dtype=np.uint64)
@@ -156,12 +156,14 @@ def _content_fields(snapshot: dict[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def write_run_record(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str]) -> None:
-    record = {"config": cfg.redacted(), "prompt_sha256": prompt_sha256}
+def write_run_record(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str],
+                     inputs_sha256: dict[str, str] | None = None) -> None:
+    record = {"config": cfg.redacted(), "prompt_sha256": prompt_sha256, "inputs_sha256": inputs_sha256 or {}}
     storage.write_bytes(join(run_uri, RUN_RECORD), json.dumps(record, indent=2).encode())
 
 
-def check_same_run(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str]) -> None:
+def check_same_run(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str],
+                   inputs_sha256: dict[str, str] | None = None) -> None:
     """A run id is resumed only with the config it started with (scheduling fields
     aside): mixing outputs of two configs in one dataset would be silent corruption."""
     uri = join(run_uri, RUN_RECORD)
@@ -170,9 +172,11 @@ def check_same_run(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256
                          f"(or predates resume); pick another --run-id")
     record = json.loads(storage.read_bytes(uri))
     before = {**_content_fields(record["config"]),
-              **{f"prompt template of {k}": v for k, v in record.get("prompt_sha256", {}).items()}}
+              **{f"prompt template of {k}": v for k, v in record.get("prompt_sha256", {}).items()},
+              **{f"sha256 of {k}": v for k, v in record.get("inputs_sha256", {}).items()}}
     now = {**_content_fields(cfg.redacted()),
-           **{f"prompt template of {k}": v for k, v in prompt_sha256.items()}}
+           **{f"prompt template of {k}": v for k, v in prompt_sha256.items()},
+           **{f"sha256 of {k}": v for k, v in (inputs_sha256 or {}).items()}}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])

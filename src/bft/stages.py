@@ -53,6 +53,8 @@ def _sft_columns(llm_names: list[str]) -> dict[str, pa.DataType]:
         "source": pa.string(),
         "source_row": pa.int64(),
         "score": pa.int64(),
+        # "web" (derived from a document) or "seed" (a seed pair, output.seed_mix).
+        "origin": pa.string(),
         **{f"{name}_model": pa.string() for name in llm_names},
         **{f"{name}_prompt_sha256": pa.string() for name in llm_names},
     }

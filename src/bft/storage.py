@@ -90,6 +90,11 @@ class Storage:
         return self._local
 
     @staticmethod
+    def fs_path(uri: str) -> str:
+        """``uri`` as its filesystem (:meth:`fs`) names it: ``bucket/key`` for ``s3://``."""
+        return Storage._path(uri)
+
+    @staticmethod
     def _path(uri: str) -> str:
         if uri.startswith("s3a://"):
             return uri[len("s3a://"):]

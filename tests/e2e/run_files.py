@@ -26,8 +26,12 @@ PREVIOUS = dict(zip(ORDER[1:], ORDER))
 LOST = ("batch_failed", "engine_error")
 
 
+SEED_PAIRS = "seed-pairs.parquet"  # sft/'s seed pairs (output.seed_mix): not a stage file
+
+
 def parquet_paths(fs, folder: str) -> list[str]:
-    return sorted(p for p in fs.find(folder) if p.endswith(".parquet")) if fs.exists(folder) else []
+    return sorted(p for p in fs.find(folder) if p.endswith(".parquet") and not p.endswith(f"/{SEED_PAIRS}")
+                  ) if fs.exists(folder) else []
 
 
 def key(row: dict) -> tuple[str, int]:
@@ -51,6 +55,8 @@ class RunFiles:
         for stage, folder in STAGE_FOLDERS.items():
             self.kept[stage] = self._rows(fs, f"{run}/{folder}", stage)
         self.dropped = self._rows(fs, f"{run}/dropped", "dropped")
+        seed_file = f"{run}/{STAGE_FOLDERS['sft']}/{SEED_PAIRS}"
+        self.seed_rows = pq.read_table(fs.open(seed_file, "rb")).to_pylist() if fs.exists(seed_file) else []
         stats_dir = f"{run}/_stats/read"
         self.stats = {}
         for path in (fs.find(stats_dir) if fs.exists(stats_dir) else []):

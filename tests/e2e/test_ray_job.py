@@ -3,7 +3,8 @@ auth token) whose Python has every dependency but not bft, as a cluster image wo
 `ray job submit` as the README documents it, so the job runs only if ``py_modules``
 ships this checkout's bft. The job runs over the real crawl samples in
 ``../shared/webdocs/`` with settings that exercise every drop path of generate, curate and
-rewrite, a custom rewrite prompt and a custom system prompt, and writes its report.
+rewrite, a custom rewrite prompt and a custom system prompt, few-shot examples and seed
+mixing, and writes its report.
 
 Its finished run folder then carries the cheap checks (copies of it, no engine): rows
 rejoining at sft, exit status 3 and 4, a resume refused for a changed config. Last,
@@ -51,6 +52,7 @@ SYSTEM_PROMPT = "You answer from the document, and only from it."
 GENERATE_REGEX = r"([a-m][a-z ]{30}|[n-z][a-z ]{90})\?"
 REWRITE_REGEX = r"\[RES\]([a-m][a-z ,.]{20}|[n-z][a-z ,.]{80})\[/RES\]"
 MAX_INSTRUCTION_CHARS, MIN_RESPONSE_CHARS, THRESHOLD = 50, 50, 3
+FEW_SHOT = 2
 
 
 def python_without_bft(folder: Path) -> Path:
@@ -133,6 +135,10 @@ def write_job_config(folder: Path, tiny_model: Path, out: Path) -> tuple[Path, P
     data["curate"]["threshold"] = THRESHOLD
     data["generate"].update(structured_output_regex=GENERATE_REGEX, max_instruction_chars=MAX_INSTRUCTION_CHARS)
     data["generate"]["sampling"]["max_tokens"] = 128
+    # Two seed pairs shown before each document, and the seed pairs in the final dataset.
+    data["generate"]["few_shot"] = {"k": FEW_SHOT}
+    data["output"]["seed_mix"] = True
+    data["seed"] = {"uri": str(ROOT / "examples" / "seed.jsonl")}  # as the later local runs resolve it
     data["rewrite"].update(structured_output_regex=REWRITE_REGEX, min_response_chars=MIN_RESPONSE_CHARS,
                            prompt_template=str(template))
     # vLLM's async engine, its core in a process of its own (vLLM's default, what GPUs
@@ -179,18 +185,42 @@ def test_job_output_is_complete_and_has_the_documented_columns(job):
 
 def test_one_shared_engine_served_every_pass_from_its_prefix_cache(job):
     """The default layout on one model: one pool for all three passes, and a document's
-    later passes found its prefix (system message + document) in vLLM's prefix cache."""
+    later passes found its prefix in vLLM's prefix cache. With few-shot examples, generate's
+    prompt puts them before the document, so curate shares no more than the system message
+    with it (less than one of vLLM's cache blocks here), and rewrite finds curate's prefix
+    (system message + document) cached."""
     files = job["files"]
     assert files.manifest["engines"] == [{"stages": ["generate", "curate", "rewrite"], "kind": "shared"}]
     # this run's engine was vLLM's async one, its core in a process of its own
     logs = job["proc"].stdout + job["proc"].stderr
     assert "(EngineCore pid=" in logs and "shared engine up" in logs
     for stage in ("curate", "rewrite"):
-        rows = files.kept[stage]
-        cached = sum(r[f"{stage}_cached_tokens"] for r in rows)
-        prompt = sum(r[f"{stage}_prompt_tokens"] for r in rows)
-        assert cached > 0.3 * prompt, (stage, cached, prompt)
-        assert all(r[f"{stage}_cached_tokens"] <= r[f"{stage}_prompt_tokens"] for r in rows)
+        assert all(r[f"{stage}_cached_tokens"] <= r[f"{stage}_prompt_tokens"] for r in files.kept[stage])
+    rows = files.kept["rewrite"]
+    cached, prompt = sum(r["rewrite_cached_tokens"] for r in rows), sum(r["rewrite_prompt_tokens"] for r in rows)
+    assert cached > 0.3 * prompt, (cached, prompt)
+
+
+def test_few_shot_examples_are_recorded_on_every_generated_row(job):
+    files = job["files"]
+    seed_ids = {f"seed-{n}" for n in range(1, 49)}
+    rows = files.kept["generate"] + [r for r in files.dropped if r["stage"] == "generate"]
+    assert rows and all(len(set(r["few_shot_ids"])) == FEW_SHOT and set(r["few_shot_ids"]) <= seed_ids for r in rows)
+    assert len({tuple(r["few_shot_ids"]) for r in rows}) > len(rows) // 2  # drawn per document
+    assert files.manifest["seed"]["pairs"] == 48 and files.manifest["seed"]["unusable"] == 0
+
+
+def test_seed_pairs_join_the_final_dataset_counted_apart(job):
+    files = job["files"]
+    manifest = files.manifest
+    assert len(files.seed_rows) == manifest["seed_rows"] == 48
+    assert manifest["dataset_rows"] == manifest["final_rows"] + 48 == len(files.kept["sft"]) + 48
+    assert manifest["reconciled"] and manifest["invariant"]["holds"]
+    assert {r["origin"] for r in files.seed_rows} == {"seed"} and {r["origin"] for r in files.kept["sft"]} == {"web"}
+    seed_prompt = manifest["config"]["output"]["seed_system_prompt"]
+    assert all(r["messages"][0] == {"role": "system", "content": seed_prompt} for r in files.seed_rows)
+    assert seed_prompt != SYSTEM_PROMPT
+    assert "(+ 48 seed pairs)" in job["proc"].stdout + job["proc"].stderr
 
 
 def test_webdocs_dolma_and_fineweb(job):

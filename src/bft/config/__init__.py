@@ -16,9 +16,9 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
-    **dict.fromkeys(["REDACTED", "ConfigError", "EngineConfig", "FilterConfig", "InputConfig", "LLMStageConfig",
+    **dict.fromkeys(["REDACTED", "ConfigError", "EngineConfig", "FewShotConfig", "FilterConfig", "InputConfig", "LLMStageConfig",
                      "OutputConfig", "RayConfig", "ReportConfig", "ResourcesConfig", "SamplingConfig",
-                     "StageConfig", "StorageConfig"], "models"),
+                     "SeedConfig", "StageConfig", "StorageConfig", "TrainConfig"], "models"),
     "BftConfig": "run",
     **dict.fromkeys(["apply_overrides", "load_config", "load_report_settings", "read_config_text"], "loading"),
     "reference_markdown": "reference",

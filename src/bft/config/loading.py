@@ -145,11 +145,14 @@ def _resolve_relative_paths(data: dict[str, Any], config_dir: Path | None) -> No
     cwd = Path.cwd()
     if isinstance(data.get("model"), str):
         data["model"] = _absolute_if_local(data["model"], cwd)
+    for section, key in (("train", "base_model"), ("seed", "uri")):
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section][key] = _absolute_if_local(data[section][key], cwd)
     for name in LLM_STAGES:
         stage = data.get(name)
         if not isinstance(stage, dict):
             continue
-        for key in ("model", "tokenizer"):
+        for key in ("model", "tokenizer", "lora"):
             if key in stage:
                 stage[key] = _absolute_if_local(stage[key], cwd)
         template = stage.get("prompt_template")

@@ -204,6 +204,12 @@ class LLMStageConfig(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict)
     """Environment variables for the engine actors (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
 
+    lora: str | None = None
+    """LoRA adapter (``bft train --out DIR`` writes one at ``DIR/adapter``; a local path or
+    ``s3://``) that this stage's requests run with, on the engine of ``model`` (its base
+    model): vLLM serves it next to the base weights, so stages with different adapters
+    still share one engine. ``None``: the base model."""
+
     @field_validator("env_vars", mode="before")
     @classmethod
     def _env_values_as_text(cls, value: Any) -> Any:
@@ -247,6 +253,20 @@ class LLMStageConfig(_Strict):
         return self.model_dump(mode="json", include=set(self.ENGINE_FIELDS))
 
 
+class FewShotConfig(_Strict):
+    """Seed pairs as in-prompt examples of an LLM stage (generate's ``few_shot``)."""
+
+    k: int = Field(default=0, ge=0, le=16)
+    """Seed pairs shown before the document, each as an earlier turn (its response as the
+    document, its instruction as the reply): backtranslation without training. 0: none.
+    Examples go before the document, so generate's prompt no longer shares its prefix with
+    curate's and rewrite's (those two still share theirs)."""
+
+    seed: int = 0
+    """Examples are drawn per document from this seed and the document id: the same run
+    shows a document the same examples; their ids are recorded (``few_shot_ids``)."""
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
@@ -277,7 +297,91 @@ class OutputConfig(_Strict):
     """Where runs are written: ``<uri>/<run_id>/...``; a local path or ``s3://``."""
 
     system_prompt: str = "You are a helpful assistant."
-    """System message of every final SFT example; empty string for none."""
+    """System message of every final SFT example derived from the web; empty string for none."""
+
+    seed_mix: bool = False
+    """Add the seed pairs (``seed.uri``) to the final dataset, as ``sft/seed-pairs.parquet``
+    with ``origin: seed`` (web-derived rows have ``origin: web``). The manifest counts them
+    apart (``seed_rows``), so input rows still reconcile with web rows + drops."""
+
+    seed_system_prompt: str = "You are a helpful assistant. Answer the way a careful expert would, in your own voice."
+    """System message of the seed pairs in the final dataset (``seed_mix``): a model tuned on
+    the mix can tell human-written answers from web-derived ones by it; empty for none."""
+
+
+class SeedConfig(_Strict):
+    """Human-written (instruction, response) pairs the method starts from: few-shot examples
+    for generate, training data for ``bft train``, and optionally part of the final dataset."""
+
+    uri: str | None = None
+    """File or folder of seed pairs: JSONL, JSONL.gz or Parquet, local or ``s3://``; ``None``: no seed data."""
+
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    """``auto`` picks by extension, as ``input.format`` does."""
+
+    instruction_column: str = "instruction"
+    """Field (or dotted path) holding the instruction."""
+
+    response_column: str = "response"
+    """Field (or dotted path) holding the response."""
+
+    messages_column: str = "messages"
+    """Chat-format rows instead: a list of ``{role, content}`` turns whose first ``user`` and
+    first ``assistant`` turn make the pair (used when the instruction field is absent)."""
+
+    id_column: str | None = None
+    """Field holding a pair id; ``None``: ``id`` when present, else ``seed-<file row>``."""
+
+
+class TrainConfig(_Strict):
+    """LoRA fine-tuning on the seed pairs (``bft train``), on Ray Train."""
+
+    base_model: str | None = None
+    """Model to adapt (local path); ``None``: generate's model for ``--direction backward``,
+    curate's for ``forward``."""
+
+    workers: int = Field(default=1, ge=1)
+    """Ray Train workers (data-parallel ranks, one model copy each)."""
+
+    use_gpu: bool = False
+    """One GPU per worker; ``false`` trains on CPUs."""
+
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs reserved per training worker."""
+
+    epochs: int = Field(default=3, ge=1)
+    """Passes over the training pairs."""
+
+    batch_size: int = Field(default=8, ge=1)
+    """Pairs per step on each worker."""
+
+    learning_rate: float = Field(default=2e-4, gt=0)
+    """Peak learning rate (AdamW), reached after ``warmup_steps`` and decayed linearly to 0."""
+
+    warmup_steps: int = Field(default=0, ge=0)
+    """Steps of linear warm-up."""
+
+    rank: int = Field(default=16, ge=1, le=512)
+    """LoRA rank ``r`` (vLLM serves ranks up to 512)."""
+
+    alpha: float = Field(default=32, gt=0)
+    """LoRA scaling ``alpha`` (the update is scaled by alpha / rank)."""
+
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the LoRA path."""
+
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Modules that get adapters (Llama/Qwen/Mistral names; vLLM serves these)."""
+
+    max_length: int = Field(default=1024, ge=16)
+    """Tokens per example (prompt + target); a longer pair is left out and counted in the
+    training record (``left_out_too_long``), never cut (a cut target teaches stopping mid-answer)."""
+
+    checkpoint_every: int = Field(default=50, ge=1)
+    """Steps between checkpoints (and at the end); a killed training resumes from the last."""
+
+    seed: int = 0
+    """Seed of the initial adapter weights and the shuffling of pairs."""
 
 
 class EngineConfig(_Strict):

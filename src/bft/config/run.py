@@ -10,7 +10,8 @@ from typing import Any
 from pydantic import Field, create_model, field_validator, model_validator
 
 from bft.config.models import (REDACTED, SECRET_NAME_RE, EngineConfig, FilterConfig, InputConfig,
-                               LLMStageConfig, OutputConfig, RayConfig, ReportConfig, StorageConfig, _Strict)
+                               LLMStageConfig, OutputConfig, RayConfig, ReportConfig, SeedConfig, StorageConfig,
+                               TrainConfig, _Strict)
 from bft.stages import LLM_STAGES, STEPS
 
 
@@ -36,6 +37,12 @@ class _RunSettings(_Strict):
 
     output: OutputConfig = Field(default_factory=OutputConfig)
     """Where and how results are written."""
+
+    seed: SeedConfig = Field(default_factory=SeedConfig)
+    """Human-written seed pairs (few-shot examples, training data, seed mixing)."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """LoRA fine-tuning on the seed pairs (``bft train``)."""
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """How the LLM stages share vLLM engines."""
@@ -86,6 +93,17 @@ class _RunSettings(_Strict):
                 raise ValueError(
                     f"{name}.sampling.max_tokens ({stage.sampling.max_tokens}) must be below "
                     f"{name}.engine_kwargs.max_model_len ({stage.max_model_len})")
+        if self.output.seed_mix and not self.seed.uri:
+            raise ValueError("output.seed_mix needs seed.uri: the seed pairs to add to the final dataset")
+        for name in LLM_STAGES:
+            if not (shots := getattr(self.llm_stage(name), "few_shot", None)) or not shots.k:
+                continue
+            if not self.seed.uri:
+                raise ValueError(f"{name}.few_shot.k needs seed.uri: the pairs the examples are drawn from")
+            if self.llm_stage(name).lora:
+                raise ValueError(
+                    f"{name}.few_shot and {name}.lora: choose one. An adapter was trained on prompts "
+                    "without examples (bft train) and expects its prompts in that form")
         if self.engine.sharing == "shared" and (differ := self._engine_differences()):
             raise ValueError(
                 "engine.sharing is 'shared', but the LLM stages do not resolve to the same model and "

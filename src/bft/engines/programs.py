@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from bft.prompts import PromptTemplate
 from bft.stages import LLM_STAGES, STEPS
-from bft.steps.llm import EngineReply, build_request, outcome
+from bft.steps.llm import RECORDED_REQUEST_FIELDS, EngineReply, build_request, outcome
 from bft.writers.parquet import identities
 
 # (stage, request) -> the engine's reply
@@ -47,7 +47,8 @@ async def run_passes(row: dict[str, Any], first: int, passes: Passes, submit: Su
         step = STEPS[name]
         request = {**build_request(row, step, passes.config, passes.templates), "priority": pass_priority(name)}
         reply = await submit(name, request)
-        kept, record = outcome(row, step, passes.config.llm_stage(name), reply)
+        recorded = {key: request[key] for key in RECORDED_REQUEST_FIELDS if key in request}
+        kept, record = outcome({**row, **recorded}, step, passes.config.llm_stage(name), reply)
         on_result(name, kept, record, request["__t_start"])
         if not kept:
             return

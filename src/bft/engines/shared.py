@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator
 import pyarrow as pa
 
 from bft.context import RunContext
+from bft.engines.adapters import engine_lora_kwargs, lora_request
 from bft.engines.programs import BatchLedger, Passes, run_batch
 from bft.engines.vllm_engine import fatal_errors, generate, replica_resources, start_engine
 from bft.schema import to_table
@@ -69,7 +70,12 @@ class SharedEngine:
         _log_to_stderr()
         self.passes = Passes(names, ctx.config, ctx.templates)
         self.writer = ctx.writer
-        self.engine = start_engine(ctx.config.llm_stage(names[0]))
+        # Each stage's adapter (if any) runs on this one engine, next to the base weights.
+        adapters = {name: ctx.adapters[name] for name in names if name in ctx.adapters}
+        ids = {sha: i for i, sha in enumerate(sorted({a.sha256 for a in adapters.values()}), start=1)}
+        self.lora = {name: lora_request(ctx.storage, a, ids[a.sha256]) for name, a in adapters.items()}
+        stage = ctx.config.llm_stage(names[0])
+        self.engine = start_engine(stage, engine_lora_kwargs(list(adapters.values()), stage.engine_kwargs))
         self.request_ids = itertools.count()
         self.first_request: set[str] = set()
         log.info("shared engine up for %s (pid %d)", " -> ".join(names), os.getpid())
@@ -79,7 +85,7 @@ class SharedEngine:
             self.first_request.add(stage)
             log.info("first %s request on this replica (pid %d)", stage, os.getpid())
         try:
-            return await generate(self.engine, str(next(self.request_ids)), request)
+            return await generate(self.engine, str(next(self.request_ids)), request, self.lora.get(stage))
         except fatal_errors() as exc:
             # The engine is gone (its core process, or its stepping thread) but this actor
             # lives: retries of its batches would come back here. Exiting lets Ray Data start a fresh replica

@@ -109,13 +109,14 @@ class SteppedEngine:
         self.thread = threading.Thread(target=self._run, name="vllm-steps", daemon=True)
         self.thread.start()
 
-    async def generate(self, request_id: str, prompt: str, params: Any, priority: int = 0) -> Any:
+    async def generate(self, request_id: str, prompt: str, params: Any, priority: int = 0,
+                       lora_request: Any = None) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self.lock:
             if self.stopped is not None:
                 raise EngineStopped(f"the engine stopped: {self.stopped!r}")
-            self.incoming.put(("add", request_id, prompt, params, priority, loop, future))
+            self.incoming.put(("add", request_id, prompt, params, priority, lora_request, loop, future))
         try:
             return await future
         except asyncio.CancelledError:
@@ -140,9 +141,10 @@ class SteppedEngine:
             if self.waiting.pop(request_id, None) is not None:
                 self.engine.abort_request([request_id])
             return
-        prompt, params, priority, loop, future = rest
+        prompt, params, priority, lora_request, loop, future = rest
         try:
-            self.engine.add_request(request_id, {"prompt": prompt}, params, priority=priority)
+            self.engine.add_request(request_id, {"prompt": prompt}, params, priority=priority,
+                                    lora_request=lora_request)
         except Exception as exc:  # noqa: BLE001 - a bad request fails alone
             self._settle(loop, future, error=exc)
             return
@@ -167,15 +169,16 @@ class SteppedEngine:
             while not self.incoming.empty():
                 item = self.incoming.get_nowait()
                 if item[0] == "add":
-                    pending.append((item[5], item[6]))
+                    pending.append((item[6], item[7]))
             for loop, future in pending:
                 self._settle(loop, future, error=error)
 
     @classmethod
-    def for_stage(cls, stage: LLMStageConfig) -> SteppedEngine:
+    def for_stage(cls, stage: LLMStageConfig, extra: dict[str, Any] | None = None) -> SteppedEngine:
         from vllm import EngineArgs, LLMEngine
 
-        return cls(LLMEngine.from_engine_args(EngineArgs(model=stage.model, **program_engine_kwargs(stage))))
+        kwargs = {**program_engine_kwargs(stage), **(extra or {})}
+        return cls(LLMEngine.from_engine_args(EngineArgs(model=stage.model, **kwargs)))
 
     def shutdown(self) -> None:
         self.incoming.put(("stop", None))
@@ -185,15 +188,18 @@ class AsyncEngine:
     """vLLM's async engine (its core in a process of its own, so scheduling overlaps the
     model's work: what GPUs want, and vLLM's default)."""
 
-    def __init__(self, stage: LLMStageConfig):
+    def __init__(self, stage: LLMStageConfig, extra: dict[str, Any] | None = None):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        args = AsyncEngineArgs(model=stage.model, enable_log_requests=False, **program_engine_kwargs(stage))
+        args = AsyncEngineArgs(model=stage.model, enable_log_requests=False,
+                               **{**program_engine_kwargs(stage), **(extra or {})})
         self.engine = AsyncLLMEngine.from_engine_args(args)
 
-    async def generate(self, request_id: str, prompt: str, params: Any, priority: int = 0) -> Any:
+    async def generate(self, request_id: str, prompt: str, params: Any, priority: int = 0,
+                       lora_request: Any = None) -> Any:
         final = None
-        async for output in self.engine.generate({"prompt": prompt}, params, request_id, priority=priority):
+        async for output in self.engine.generate({"prompt": prompt}, params, request_id, priority=priority,
+                                                 lora_request=lora_request):
             final = output
         return final
 
@@ -211,13 +217,14 @@ def program_engine_kwargs(stage: LLMStageConfig) -> dict[str, Any]:
     return kwargs
 
 
-def start_engine(stage: LLMStageConfig) -> SteppedEngine | AsyncEngine:
-    """An engine for ``stage``'s model and settings, taking requests from asyncio: in this
-    process when ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (read from the environment, where a
-    stage's ``env_vars`` put it), else vLLM's async engine."""
+def start_engine(stage: LLMStageConfig, extra: dict[str, Any] | None = None) -> SteppedEngine | AsyncEngine:
+    """An engine for ``stage``'s model and settings (plus ``extra`` engine arguments: LoRA
+    support), taking requests from asyncio: in this process when
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (read from the environment, where a stage's
+    ``env_vars`` put it), else vLLM's async engine."""
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").lower() in ("0", "false"):
-        return SteppedEngine.for_stage(stage)
-    return AsyncEngine(stage)
+        return SteppedEngine.for_stage(stage, extra)
+    return AsyncEngine(stage, extra)
 
 
 def fatal_errors() -> tuple[type[BaseException], ...]:
@@ -229,12 +236,14 @@ def fatal_errors() -> tuple[type[BaseException], ...]:
     return (EngineDeadError, EngineStopped)
 
 
-async def generate(engine: SteppedEngine | AsyncEngine, request_id: str, request: dict[str, Any]) -> EngineReply:
-    """Run one request to its end. A fatal engine error propagates; any other error
-    becomes the reply's ``error`` (the row is then dropped as ``engine_error``)."""
+async def generate(engine: SteppedEngine | AsyncEngine, request_id: str, request: dict[str, Any],
+                   lora_request: Any = None) -> EngineReply:
+    """Run one request to its end (on the adapter of ``lora_request``, if any). A fatal
+    engine error propagates; any other error becomes the reply's ``error`` (the row is
+    then dropped as ``engine_error``)."""
     try:
         final = await engine.generate(request_id, request["prompt"], sampling_params(request["sampling_params"]),
-                                      priority=request.get("priority", 0))
+                                      priority=request.get("priority", 0), lora_request=lora_request)
         completion = final.outputs[0]
         return EngineReply(text=completion.text, prompt_tokens=len(final.prompt_token_ids or ()),
                            completion_tokens=len(completion.token_ids),

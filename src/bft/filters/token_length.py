@@ -42,7 +42,9 @@ def token_budgets(cfg: BftConfig, templates: dict[str, PromptTemplate]) -> list[
         if stage.max_model_len is None:
             continue
         empty = dict.fromkeys(STEPS[name].PLACEHOLDERS, "")
-        prompt = render_chat(stage.tokenizer_path, templates[name].messages(**empty))
+        # With examples (few_shot), the longest ones: any document's prompt must fit with them.
+        longest = templates[name].longest_shots(lambda texts: count_tokens(stage.tokenizer_path, texts))
+        prompt = render_chat(stage.tokenizer_path, templates[name].messages(longest, **empty))
         overhead = count_tokens(stage.tokenizer_path, [prompt])[0]
         # Room for what earlier stages write into this stage's prompt (the instruction).
         allowance = sum(cfg.llm_stage(producer).sampling.max_tokens for placeholder in templates[name].placeholders

@@ -141,7 +141,7 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows
     when the text column is missing; numbered after the last row read), so the failure
     is counted and visible in ``dropped/``.
     """
-    from bft.readers.jsonl import iter_jsonl_records
+    from bft.readers.jsonl import RejectedLine, iter_jsonl_records
     from bft.readers.parquet import iter_parquet_records
 
     if fmt == "auto":
@@ -160,7 +160,7 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows
     position = 0
     try:
         for position, record in records:
-            if "reason" in record:  # the format reader already rejected it (e.g. bad JSON)
+            if isinstance(record, RejectedLine):  # the format reader already rejected it (e.g. bad JSON)
                 row = record
             else:
                 row = mapping.to_doc(record, uri, position)

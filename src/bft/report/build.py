@@ -119,6 +119,11 @@ def build_report(storage: Storage, run_uri: str, settings: ReportConfig | None =
         "examples": _examples(data.sample, settings.examples, settings.seed),
         "throughput": counts.throughput(manifest),
         "engines": (manifest or {}).get("engines"),
+        # What made the pairs: each stage's model and LoRA adapter (path + digest), and
+        # the seed pairs added to the dataset (output.seed_mix, not in the measures above).
+        "models": (manifest or {}).get("models"),
+        "adapters": (manifest or {}).get("adapters") or {},
+        "seed_rows": (manifest or {}).get("seed_rows", 0),
     }
 
     log.info("report: drawing figures")

@@ -189,11 +189,26 @@ def _throughput(r: dict[str, Any], figures: dict[str, bytes]) -> str:
                       "prefix cache hits", "completion tokens", "completion tok/s"], rows))
 
 
+def _models(r: dict[str, Any]) -> str:
+    if not r.get("models"):
+        return ""
+    rows = []
+    for stage, model in r["models"].items():
+        adapter = r["adapters"].get(stage)
+        rows.append([stage, model, f"{adapter['uri']} (sha256 {adapter['sha256'][:16]}…, "
+                                   f"{adapter.get('direction') or 'LoRA'})" if adapter else "none: the base model"])
+    seed = (f" The dataset also holds {r['seed_rows']:,} seed pairs (<code>output.seed_mix</code>, "
+            f"<code>origin: seed</code>), not measured here." if r.get("seed_rows") else "")
+    return ("<h2>Models</h2>" + f"<p>Which model and LoRA adapter made each stage's outputs.{seed}</p>"
+            + _table(["stage", "model", "adapter"], rows))
+
+
 def render(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     template = Template(resources.files("bft.report").joinpath("template.html").read_text(encoding="utf-8"))
     body = "".join([_summary(report), _funnel(report, figures), _scores(report, figures),
                     _lengths(report, figures), _diversity(report, figures), _faithfulness(report, figures),
-                    _embeddings(report, figures), _examples(report), _throughput(report, figures)])
+                    _embeddings(report, figures), _examples(report), _throughput(report, figures),
+                    _models(report)])
     sample = report["sample"]
     meta = (f"{escape(report['run_uri'])} · generated {escape(report['generated_at'])} by bft "
             f"{escape(report['bft_version'])} · text measures over {sample['size']:,} of {sample['of']:,} "

@@ -48,3 +48,6 @@ class LLMStep(Protocol):
 
     def parse(self, raw: str, cfg: Any) -> dict[str, Any] | Drop:
         """The model's reply to the fields a kept row gains, or why the row is dropped."""
+
+    # Optional, for a stage whose Config has ``few_shot`` (generate): ``shot(pair)`` gives
+    # a seed pair as a worked example, ``(prompt values, answer)``.

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import Field
 
-from bft.config.models import StageConfig
+from bft.config.models import FewShotConfig, StageConfig
 from bft.filters.base import Drop
 
 NAME = "generate"
@@ -16,8 +16,8 @@ DESCRIPTION = "Instruction generation (the backward model)."
 PLACEHOLDERS = {"document"}
 REQUIRED_PLACEHOLDERS = PLACEHOLDERS
 INPUT_COLUMNS = ("text",)
-OUTPUT_COLUMNS = {"instruction": pa.string()}
-DROP_COLUMNS = ("instruction",)
+OUTPUT_COLUMNS = {"instruction": pa.string(), "few_shot_ids": pa.list_(pa.string())}
+DROP_COLUMNS = ("instruction", "few_shot_ids")
 
 
 class Config(StageConfig):
@@ -32,6 +32,9 @@ class Config(StageConfig):
     max_instruction_chars: int = Field(default=600, ge=1)
     """Drop generated instructions longer than this (after cleaning)."""
 
+    few_shot: FewShotConfig = Field(default_factory=FewShotConfig)
+    """Seed pairs as in-prompt examples (needs ``seed.uri``)."""
+
 # Labels models like to put in front of the request; removed before length checks.
 LABEL_RE = re.compile(
     r"^\s*(?:\*\*)?(?:user(?:'s)?\s+(?:message|request|instruction)|instruction|question|request|"
@@ -43,6 +46,13 @@ WHITESPACE_RE = re.compile(r"[ \t]+")
 
 def prompt_values(row: dict[str, Any]) -> dict[str, str]:
     return {"document": row["text"]}
+
+
+def shot(pair: Any) -> tuple[dict[str, str], str]:
+    """A seed pair as a worked example (values, answer): backtranslation runs the pair
+    backwards, its response in the document's place and its instruction as the answer.
+    ``bft train --direction backward`` trains on the same form."""
+    return prompt_values({"text": pair.response}), pair.instruction
 
 
 def clean_instruction(raw: str) -> str:

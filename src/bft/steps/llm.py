@@ -41,9 +41,25 @@ def request_params(stage: Any) -> dict[str, Any]:
     return params
 
 
+# Request fields that are recorded on the row (the ids of the examples a prompt showed).
+RECORDED_REQUEST_FIELDS = ("few_shot_ids",)
+
+
 def request_messages(row: dict[str, Any], step: LLMStep, templates: dict[str, PromptTemplate]) -> list[dict]:
-    """The chat messages of ``row``'s request at ``step``."""
-    return templates[step.NAME].messages(**step.prompt_values(row))
+    """The chat messages of ``row``'s request at ``step`` (with its examples, if any)."""
+    template = templates[step.NAME]
+    return template.messages(template.draw(row["id"]), **step.prompt_values(row))
+
+
+def stage_prompt(row: dict[str, Any], step: LLMStep, config: Any,
+                 templates: dict[str, PromptTemplate]) -> tuple[str, list[str]]:
+    """The prompt text of ``row``'s request at ``step`` (its chat messages through the
+    tokenizer's chat template), and the ids of the examples it shows. ``bft train`` renders
+    its training prompts with this same function, so an adapter sees at inference exactly
+    the prompt form it was trained on."""
+    messages = request_messages(row, step, templates)
+    return (render_chat(config.llm_stage(step.NAME).tokenizer_path, messages),
+            [shot.id for shot in templates[step.NAME].draw(row["id"])])
 
 
 def build_request(row: dict[str, Any], step: LLMStep, config: Any,
@@ -53,9 +69,12 @@ def build_request(row: dict[str, Any], step: LLMStep, config: Any,
     The throughput benchmark sends the same requests to a bare engine, so this takes
     only the config and templates, not a run context.
     """
-    stage = config.llm_stage(step.NAME)
-    return {"prompt": render_chat(stage.tokenizer_path, request_messages(row, step, templates)),
-            "sampling_params": request_params(stage), "__t_start": time.time()}
+    prompt, shot_ids = stage_prompt(row, step, config, templates)
+    request = {"prompt": prompt, "sampling_params": request_params(config.llm_stage(step.NAME)),
+               "__t_start": time.time()}
+    if templates[step.NAME].shots_per_prompt:
+        request["few_shot_ids"] = shot_ids
+    return request
 
 
 def outcome(row: dict[str, Any], step: LLMStep, stage_cfg: Any, reply: EngineReply) -> tuple[bool, dict[str, Any]]:

