@@ -56,9 +56,11 @@ def test_stage_outputs_have_the_documented_columns(s3_baseline):
     # may be empty; test_ray_job checks them filled. This run has a ray.data.llm pool per
     # stage, which does not report prefix-cache hits: its cached-token columns are null
     # (and the manifest says so), where the shared pool's are filled (test_ray_job).
+    # Without generate.few_shot (test_ray_job has it) few_shot_ids is null.
     files = s3_baseline.files
     cached = tuple(f"{stage}_cached_tokens" for stage in ("generate", "curate", "rewrite"))
-    files.check_columns(documented_columns(), may_be_empty=("dropped",), null_columns=cached)
+    files.check_columns(documented_columns(), may_be_empty=("dropped",), null_columns=(*cached, "few_shot_ids"))
+    assert all(r["few_shot_ids"] is None for r in files.kept["rewrite"])
     assert files.manifest["engines"] == [{"stages": [stage], "kind": "per_stage"}
                                          for stage in ("generate", "curate", "rewrite")]
     assert all(r[c] is None for r in files.kept["rewrite"] for c in cached)
