@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bft.config import BftConfig, ConfigError
@@ -137,7 +138,7 @@ def local_copy(storage: Storage, adapter: Adapter) -> str:
         for name in adapter.files:
             with open(os.path.join(partial, name), "wb") as fh:
                 fh.write(storage.read_bytes(join(adapter.uri, name)))
-        found = digest(lambda name: open(os.path.join(partial, name), "rb").read(), adapter.files)
+        found = digest(lambda name: Path(partial, name).read_bytes(), adapter.files)
         if found != adapter.sha256:  # replaced on S3 since the run started: not what the manifest names
             shutil.rmtree(partial, ignore_errors=True)
             raise RuntimeError(f"{adapter.stage}.lora {adapter.uri} changed during the run "

@@ -45,10 +45,12 @@ def request_params(stage: Any) -> dict[str, Any]:
 RECORDED_REQUEST_FIELDS = ("few_shot_ids",)
 
 
-def request_messages(row: dict[str, Any], step: LLMStep, templates: dict[str, PromptTemplate]) -> list[dict]:
-    """The chat messages of ``row``'s request at ``step`` (with its examples, if any)."""
+def request_messages(row: dict[str, Any], step: LLMStep, templates: dict[str, PromptTemplate],
+                     shots: list[Any] | None = None) -> list[dict]:
+    """The chat messages of ``row``'s request at ``step``, with its examples (``shots``, or
+    the ones the template draws for the row)."""
     template = templates[step.NAME]
-    return template.messages(template.draw(row["id"]), **step.prompt_values(row))
+    return template.messages(template.draw(row["id"]) if shots is None else shots, **step.prompt_values(row))
 
 
 def stage_prompt(row: dict[str, Any], step: LLMStep, config: Any,
@@ -57,9 +59,9 @@ def stage_prompt(row: dict[str, Any], step: LLMStep, config: Any,
     tokenizer's chat template), and the ids of the examples it shows. ``bft train`` renders
     its training prompts with this same function, so an adapter sees at inference exactly
     the prompt form it was trained on."""
-    messages = request_messages(row, step, templates)
-    return (render_chat(config.llm_stage(step.NAME).tokenizer_path, messages),
-            [shot.id for shot in templates[step.NAME].draw(row["id"])])
+    shots = templates[step.NAME].draw(row["id"])  # drawn once: the messages and the ids agree
+    messages = request_messages(row, step, templates, shots)
+    return render_chat(config.llm_stage(step.NAME).tokenizer_path, messages), [shot.id for shot in shots]
 
 
 def build_request(row: dict[str, Any], step: LLMStep, config: Any,
