@@ -120,7 +120,8 @@ def naive(cfg: BftConfig, rows: list[dict], out_dir: Path) -> dict[str, Any]:
             for row, output in zip(chunk, outputs):
                 reply = EngineReply(text=output.outputs[0].text, prompt_tokens=len(output.prompt_token_ids),
                                     completion_tokens=len(output.outputs[0].token_ids),
-                                    cached_tokens=output.num_cached_tokens)
+                                    cached_tokens=output.num_cached_tokens,
+                                    finish_reason=output.outputs[0].finish_reason)
                 kept, record = outcome(row, step, stage, reply)
                 count_reply(counts[name], reply)
                 counts[name]["rows_out"] += int(kept)

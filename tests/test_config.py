@@ -22,7 +22,11 @@ def test_defaults_are_the_documented_ones():
     assert (cfg.filters.min_chars, cfg.filters.max_chars) == (600, 3000)
     assert (cfg.generate.sampling.temperature, cfg.generate.sampling.top_p) == (1.0, 0.9)
     assert cfg.curate.threshold == 5
-    assert cfg.curate.structured_output_regex  # on by default so scores always parse
+    assert cfg.curate.structured_output_regex is None  # a real judge writes freely; the parser reads it
+    assert cfg.rewrite.min_response_chars == 40
+    f = cfg.filters
+    assert (f.long_documents, f.max_segments, f.languages, f.min_language_score) == ("segment", 20, ["en"], 0.5)
+    assert (f.near_dedup.threshold, f.near_dedup.num_perm, f.near_dedup.shingle_words) == (0.8, 128, 5)
     assert cfg.rewrite.structured_output_regex is None
     assert cfg.generate.model == cfg.curate.model == cfg.rewrite.model == "/models/m"
 
@@ -87,7 +91,7 @@ def test_partial_stage_section_keeps_stage_defaults(tmp_path):
     cfg = load_config(path)
     assert cfg.curate.sampling.max_tokens == 64
     assert cfg.curate.sampling.temperature == 0.0  # curate's default, not the generic 1.0
-    assert cfg.curate.structured_output_regex
+    assert cfg.curate.sampling.top_p == 1.0
 
 
 def test_secrets_are_redacted_in_snapshot():

@@ -90,6 +90,70 @@ def test_dedup_actors_keep_first_copy_across_batches(ray_local):
     dedup.stop()
 
 
+def _page(seed: int, n_words: int = 300) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["pot", "soil", "root", "water", "light", "leaf", "mix", "stem", "sun", "fern",
+                                "spring", "drainage", "repot", "gently", "week", "humid"]) for _ in range(n_words))
+
+
+def _edited(text: str, every: int = 60) -> str:
+    """The page with one word in ``every`` changed: a template or mirror of it."""
+    words = text.split()
+    return " ".join("CHANGED" if i % every == 0 else w for i, w in enumerate(words))
+
+
+def test_near_duplicates_are_dropped_naming_the_kept_twin(ray_local):
+    from bft.config import NearDedupConfig
+    from bft.filters.near_dedup import NearDeduplicator
+
+    near = NearDeduplicator.start(NearDedupConfig(shards=3))
+    a, b, other = _page(1), _page(2), _page(3)
+    docs = [{"id": "a", "source": "f", "source_row": 1, "text": a},
+            {"id": "b", "source": "f", "source_row": 2, "text": b},
+            {"id": "a-mirror", "source": "g", "source_row": 1, "text": _edited(a)}]
+    assert near.near_duplicates_of(docs) == [None, None, "a"]  # within one batch
+    later = [{"id": "b-template", "source": "h", "source_row": 5, "text": _edited(b, 100)},
+             {"id": "other", "source": "h", "source_row": 6, "text": other}]
+    assert near.near_duplicates_of(later) == ["b", None]  # across batches
+    assert near.near_duplicates_of(docs) == [None, None, "a"]  # a retried batch: same answers
+    # The dropped mirror claimed nothing: a near-twin of it (not of "a") is not blamed on it.
+    assert near.near_duplicates_of([{"id": "c", "source": "h", "source_row": 9, "text": _page(4)}]) == [None]
+    near.stop()
+
+    # Resume: a fresh set of shards taught what the earlier attempt kept.
+    fresh = NearDeduplicator.start(NearDedupConfig(shards=2))
+    fresh.remember(docs[:2])
+    assert fresh.near_duplicates_of([{"id": "a-again", "source": "k", "source_row": 1, "text": _edited(a)}]) == ["a"]
+    fresh.stop()
+
+
+def test_a_document_that_loses_on_a_later_shard_gives_its_buckets_back(ray_local):
+    import ray
+
+    from bft.filters.near_dedup import NearDupShard
+
+    shard = NearDupShard.remote()
+    assert ray.get(shard.claim.remote([([b"k1", b"k2"], "f#1", "x")])) == [None]
+    assert ray.get(shard.claim.remote([([b"k2", b"k3"], "f#2", "y")])) == ["x"]  # taken: claims nothing
+    assert ray.get(shard.claim.remote([([b"k3"], "f#3", "z")])) == [None]  # k3 was left free
+    ray.get(shard.release.remote([([b"k1", b"k2"], "f#1"), ([b"k3"], "not-the-owner")]))
+    assert ray.get(shard.claim.remote([([b"k1", b"k3"], "f#4", "w")])) == ["z"]  # k3 kept its owner
+    assert ray.get(shard.claim.remote([([b"k1", b"k2"], "f#5", "v")])) == [None]  # k1, k2 given back
+    ray.kill(shard)
+
+
+def test_the_report_counts_near_duplicates_with_the_filter_code():
+    from bft.filters.near_dedup import similar_pairs, word_shingles
+
+    a, b = _page(1), _page(2)
+    sets = [word_shingles(t, 5) for t in (a, _edited(a), b, _edited(b, 40), _page(3))]
+    pairs = similar_pairs(sets, 0.5)
+    assert sorted((x, y) for _, x, y in pairs) == [(0, 1), (2, 3)]
+    assert all(s >= 0.5 for s, _, _ in pairs)
+
+
 def test_token_budget_drops_documents_that_cannot_fit(tiny_model):
     from bft.config import load_config
     from bft.filters.token_length import check_token_lengths, token_budgets

@@ -38,7 +38,7 @@ def test_everything_about_a_stage_follows_from_the_registry():
     assert sft["messages"] == pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     assert {f"{n}_{k}" for n in stages.LLM_STAGES for k in ("model", "prompt_sha256")} <= set(sft)
     assert stages.producer_of("instruction") == "generate" and stages.producer_of("document") is None
-    assert list(stages.DROPPED_COLUMNS) == ["id", "url", "source", "source_row", "stage", "reason", "detail", "text",
+    assert list(stages.DROPPED_COLUMNS) == ["id", "url", "source", "source_row", "segment", "stage", "reason", "detail", "text",
                                             "instruction", "few_shot_ids", "score", "raw_output", "prompt_tokens",
                                             "completion_tokens", "cached_tokens"]
 
@@ -86,7 +86,7 @@ def prompt_values(row: dict[str, Any]) -> dict[str, str]:
     return {"document": row["text"], "instruction": row["instruction"], "response": row["response"]}
 
 
-def parse(raw: str, cfg: Config) -> dict[str, Any] | Drop:
+def parse(raw: str, cfg: Config, row: dict[str, Any]) -> dict[str, Any] | Drop:
     if len(raw.split()) < cfg.min_words:
         return Drop("too_terse", f"{len(raw.split())} words < polish.min_words {cfg.min_words}")
     return {"response": raw.strip(), "polish_changed": True}
@@ -128,7 +128,7 @@ from bft.writers.parquet import StageWriter
 import pyarrow as pa
 
 model, run = sys.argv[1], sys.argv[2]
-cfg = load_config(None, [f"model={model}", "polish.min_words=4", "curate.threshold=1"])
+cfg = load_config(None, [f"model={model}", "polish.min_words=4", "curate.threshold=1", "rewrite.min_response_chars=5"])
 out = {"order": stages.ORDER, "folders": stages.FOLDERS, "polish_columns": list(stages.COLUMNS["polish"]),
        "min_words": cfg.polish.min_words, "temperature": cfg.polish.sampling.temperature,
        "reference": "| `polish.min_words` | `3` |" in reference_markdown(),

@@ -7,6 +7,7 @@ from typing import Any
 
 from bft.config import BftConfig
 from bft.filters.dedup import Deduplicator
+from bft.filters.near_dedup import NearDeduplicator
 from bft.filters.token_length import TokenBudget
 from bft.prompts import PromptTemplate
 from bft.storage import Storage
@@ -21,6 +22,7 @@ class RunContext:
     templates: dict[str, PromptTemplate]
     token_budgets: list[TokenBudget] = field(default_factory=list)
     dedup: Deduplicator | None = None
+    near_dedup: NearDeduplicator | None = None
     # Rows earlier attempts of this run finished (``resume.FinishedRows``), as a Ray
     # object reference so the arrays travel once per node, not once per task.
     finished: Any = None

@@ -20,6 +20,7 @@ from bft.config import BftConfig
 from bft.context import RunContext
 from bft.engines import apply_pools, union
 from bft.filters.dedup import Deduplicator
+from bft.filters.near_dedup import NearDeduplicator
 from bft.planning import WorkPlan
 from bft.stages import COLUMNS, FINAL, FOLDERS, LLM_STAGES, PREVIOUS
 from bft.steps.filter import filter_documents
@@ -40,14 +41,17 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
 
 
-def seed_dedup(dedup: Deduplicator, storage: Storage, run_uri: str, light_cpus: float) -> None:
-    """On resume, teach the dedup shards the documents earlier attempts kept."""
+def seed_dedup(dedups: list[Deduplicator | NearDeduplicator], storage: Storage, run_uri: str,
+               light_cpus: float) -> None:
+    """On resume, teach the (exact and near) dedup shards the documents earlier attempts kept."""
     import ray
 
     @ray.remote(num_cpus=light_cpus)
     def remember(uri: str) -> None:
         with storage.open(uri, "rb") as fh:
-            dedup.remember(pq.read_table(fh, columns=["id", "source", "source_row", "text"]).to_pylist())
+            rows = pq.read_table(fh, columns=["id", "source", "source_row", "segment", "text"]).to_pylist()
+        for dedup in dedups:
+            dedup.remember(rows)
 
     ray.get([remember.remote(uri) for uri in parquet_files(storage, join(run_uri, FOLDERS["filter"]))])
 
@@ -80,13 +84,16 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
     # of failing a long run.
     ray.data.DataContext.get_current().max_errored_blocks = cfg.ray.max_failed_batches
     light = cfg.ray.light_task_cpus
-    dedup = None
+    dedup = near_dedup = None
     if plan.input_files and cfg.filters.dedup:
         dedup = Deduplicator.start(cfg.filters.dedup_shards)
-        if plan.finished is not None:
-            seed_dedup(dedup, storage, run_uri, light)
+    if plan.input_files and cfg.filters.near_dedup is not None:
+        near_dedup = NearDeduplicator.start(cfg.filters.near_dedup)
+    dedups = [d for d in (dedup, near_dedup) if d is not None]
+    if dedups and plan.finished is not None:
+        seed_dedup(dedups, storage, run_uri, light)
     ctx = RunContext(config=cfg, storage=storage, run_uri=run_uri, templates=templates,
-                     token_budgets=budgets, dedup=dedup, adapters=adapters or {},
+                     token_budgets=budgets, dedup=dedup, near_dedup=near_dedup, adapters=adapters or {},
                      finished=ray.put(plan.finished) if plan.finished is not None else None)
 
     def files(uris: list[str]) -> Any:
@@ -126,8 +133,8 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
             f"failure outside the engines, stops the run. Everything written so far is kept: run "
             f"the same command (with the same --run-id) to resume.") from exc
     finally:
-        if dedup is not None:
-            dedup.stop()
+        for d in dedups:
+            d.stop()
         # Stops the engines and Ray's forwarding of worker logs, so nothing is printed
         # after the summary (its last line, the manifest path, is for scripts to read).
         ray.shutdown()

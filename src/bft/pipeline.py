@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from bft.config import BftConfig
 from bft.engines import layout
 from bft.engines.adapters import resolve_adapters
+from bft.filters.language import check_languages
 from bft.filters.token_length import token_budgets
 from bft.graph import RunFailed, run_dataset
 from bft.planning import (RunResult, completed_marker, load_templates, new_run_id, plan_work,
@@ -49,6 +50,7 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         raise ValueError(f"--from-stage must be one of {', '.join(RESTARTABLE)}, got {from_stage!r}")
 
     # Everything that can fail cheaply fails here, before Ray or any model starts.
+    check_languages(cfg.filters)
     storage.check_writable(cfg.output.uri)
     # What else the rows depend on, checked like the config when the run is resumed.
     inputs_sha256 = {**({"seed pairs": seeds.sha256} if seeds else {}),
@@ -116,7 +118,7 @@ def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> int:
         for uri in state.unfinished(stage):
             with storage.open(uri, "rb") as fh:
                 rows = pq.read_table(fh).to_pylist()
-            done = state.finished.mask(stage, [r["source"] for r in rows], [r["source_row"] for r in rows])
+            done = state.finished.mask_rows(stage, rows)
             lost += [row for row, finished in zip(rows, done) if not finished]
         if lost:
             log.warning("%s: %d row(s) were in batches that failed every retry; dropped as batch_failed",

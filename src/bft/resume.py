@@ -1,7 +1,8 @@
 """Resume: what earlier attempts of a run already wrote, and what is left to do.
 
 Every row is identified by where it came from, ``<source file>#<row number>`` (ids are
-not unique across a crawl: the same page appears in several shards). A stage has
+not unique across a crawl: the same page appears in several shards), and a segment of a
+long document by ``<source file>#<row number>/<segment>``. A stage has
 *finished* a row once the row is in one of its durable outputs: its own directory
 (kept) or ``dropped/<stage>-*`` (dropped). Stage files appear whole or not at all (see
 ``Storage.write_bytes``), so "in a file" means "done".
@@ -41,6 +42,7 @@ RUN_RECORD = "_run/config.json"
 # Fields that change how a run is scheduled or reported, not what it produces: they may
 # differ between attempts of one run (e.g. resume on a bigger cluster).
 SCHEDULING_FIELDS = {"ray", "storage", "report", "engine", "train", "input.rows_per_block", "filters.dedup_shards",
+                     "filters.near_dedup.shards",
                      *(f"{stage}.{name}" for stage in LLM_STAGES
                        for name in ("replicas", "batch_size", "max_concurrent_batches", "resources", "env_vars"))}
 _EMPTY = np.zeros(0, dtype=np.uint64)
@@ -51,8 +53,14 @@ def hash_keys(keys: Iterable[str]) -> np.ndarray:
                                     "little") for k in keys], dtype=np.uint64)
 
 
-def rows_hashes(sources: list[str], rows: list[int]) -> np.ndarray:
-    return hash_keys(row_key(s, r) for s, r in zip(sources, rows))
+def rows_hashes(sources: list[str], rows: list[int], segments: list[int | None] | None = None) -> np.ndarray:
+    segments = segments if segments is not None else [None] * len(sources)
+    return hash_keys(row_key(s, r, g) for s, r, g in zip(sources, rows, segments))
+
+
+def row_hashes(rows: list[dict]) -> np.ndarray:
+    return rows_hashes([r["source"] for r in rows], [r["source_row"] for r in rows],
+                       [r.get("segment") for r in rows])
 
 
 def contains(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
@@ -69,8 +77,13 @@ class FinishedRows:
 
     by_stage: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def mask(self, stage: str, sources: list[str], rows: list[int]) -> np.ndarray:
-        return contains(self.by_stage.get(stage, _EMPTY), rows_hashes(sources, rows))
+    def mask(self, stage: str, sources: list[str], rows: list[int],
+             segments: list[int | None] | None = None) -> np.ndarray:
+        return contains(self.by_stage.get(stage, _EMPTY), rows_hashes(sources, rows, segments))
+
+    def mask_rows(self, stage: str, rows: list[dict]) -> np.ndarray:
+        """Which of ``rows`` (dicts) ``stage`` has finished."""
+        return contains(self.by_stage.get(stage, _EMPTY), row_hashes(rows))
 
     def count(self, stage: str) -> int:
         return len(self.by_stage.get(stage, _EMPTY))
@@ -83,14 +96,20 @@ class RunState:
     finished: FinishedRows
     # Kept-output files of each stage, with the row-key hashes each holds.
     kept_files: dict[str, dict[str, np.ndarray]]
-    # Rows of each input file finished by read (dropped) or filter (kept or dropped).
+    # Rows of each input file finished by read (dropped) or filter (kept or dropped), not
+    # counting segments of long documents.
     finished_per_source: Counter
     # Rows seen in each input file whose read completed.
     rows_seen: dict[str, int]
+    # Input files with documents cut into segments: whether all of a document's segments
+    # are finished shows only by cutting it again, so such a file is read again (its
+    # finished rows and segments are skipped as they come).
+    segmented_sources: set[str] = field(default_factory=set)
 
     def input_done(self, source: str) -> bool:
         """True when every row of ``source`` is finished by read or filter."""
-        return source in self.rows_seen and self.finished_per_source[source] >= self.rows_seen[source]
+        return (source in self.rows_seen and source not in self.segmented_sources
+                and self.finished_per_source[source] >= self.rows_seen[source])
 
     def unfinished(self, stage: str) -> dict[str, int]:
         """Files of the stage before ``stage`` holding rows ``stage`` has not finished,
@@ -102,9 +121,13 @@ class RunState:
 
 
 def _read_columns(storage: Storage, uri: str, columns: list[str]) -> dict[str, list[Any]]:
+    """``columns`` of a stage file; one it lacks (``segment``, in files of an older bft)
+    comes back as nulls."""
     with storage.open(uri, "rb") as fh:
-        table = pq.ParquetFile(fh).read(columns=columns)
-    return {name: table.column(name).to_pylist() for name in columns}
+        pf = pq.ParquetFile(fh)
+        table = pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+    return {name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+            for name in columns}
 
 
 def scan_run(storage: Storage, run_uri: str) -> RunState:
@@ -112,31 +135,39 @@ def scan_run(storage: Storage, run_uri: str) -> RunState:
     finished: dict[str, list[np.ndarray]] = {stage: [] for stage in ORDER}
     kept_files: dict[str, dict[str, np.ndarray]] = {}
     per_source: Counter = Counter()
+    segmented: set[str] = set()
+
+    def count_source(cols: dict[str, list[Any]]) -> None:
+        for source, segment in zip(cols["source"], cols["segment"]):
+            if segment is None:
+                per_source[source] += 1
+            else:
+                segmented.add(source)
 
     for stage, folder in FOLDERS.items():
         kept_files[stage] = {}
         for uri in parquet_files(storage, join(run_uri, folder)):
-            cols = _read_columns(storage, uri, ["source", "source_row"])
-            hashes = rows_hashes(cols["source"], cols["source_row"])
+            cols = _read_columns(storage, uri, ["source", "source_row", "segment"])
+            hashes = rows_hashes(cols["source"], cols["source_row"], cols["segment"])
             kept_files[stage][uri] = hashes
             finished[stage].append(hashes)
             if stage == "filter":
-                per_source.update(cols["source"])
+                count_source(cols)
 
     for uri in parquet_files(storage, join(run_uri, DROPPED_DIR)):
-        cols = _read_columns(storage, uri, ["stage", "source", "source_row"])
+        cols = _read_columns(storage, uri, ["stage", "source", "source_row", "segment"])
         stage = cols["stage"][0] if cols["stage"] else None
         if stage not in finished:
             continue
-        finished[stage].append(rows_hashes(cols["source"], cols["source_row"]))
+        finished[stage].append(rows_hashes(cols["source"], cols["source_row"], cols["segment"]))
         if stage in ("read", "filter"):
-            per_source.update(cols["source"])
+            count_source(cols)
 
     rows_seen = {stats["source"]: stats["rows_seen"] for stats in read_stats(storage, run_uri)}
 
     by_stage = {stage: np.unique(np.concatenate(parts)) if parts else _EMPTY
                 for stage, parts in finished.items()}
-    return RunState(FinishedRows(by_stage), kept_files, per_source, rows_seen)
+    return RunState(FinishedRows(by_stage), kept_files, per_source, rows_seen, segmented)
 
 
 # --- the run record: one config per run id ---------------------------------------------

@@ -15,7 +15,10 @@ DOC_COLUMNS = {
     "id": pa.string(),
     "url": pa.string(),
     "source": pa.string(),  # the input file the row came from
-    "source_row": pa.int64(),  # its line (JSONL) or row (Parquet) number there, from 1
+    "source_row": pa.int64(),  # its line (JSONL), row (Parquet) or record (WARC) number there, from 1
+    # which part of a document cut into segments (filters.long_documents), from 1; null for
+    # a whole document
+    "segment": pa.int64(),
     "text": pa.string(),
 }
 
@@ -41,6 +44,7 @@ DROPPED_HEAD = {
     "url": pa.string(),
     "source": pa.string(),
     "source_row": pa.int64(),
+    "segment": pa.int64(),
     "stage": pa.string(),
     "reason": pa.string(),
     "detail": pa.string(),
@@ -54,10 +58,16 @@ DROPPED_TAIL = {
 }
 
 
-def row_key(source: str, source_row: int) -> str:
+def row_key(source: str, source_row: int, segment: int | None = None) -> str:
     """Where a row came from: its identity across stages and attempts (ids are not
-    unique across a crawl; the same page appears in several shards)."""
-    return f"{source}#{source_row}"
+    unique across a crawl; the same page appears in several shards). A segment of a
+    long document is its own row."""
+    return f"{source}#{source_row}" if segment is None else f"{source}#{source_row}/{segment}"
+
+
+def identity(row: dict) -> tuple[str, int, int | None]:
+    """A row's ``(source, source_row, segment)``."""
+    return row["source"], row["source_row"], row.get("segment")
 
 
 def arrow_schema(columns: dict[str, pa.DataType]) -> pa.Schema:

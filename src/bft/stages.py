@@ -52,6 +52,7 @@ def _sft_columns(llm_names: list[str]) -> dict[str, pa.DataType]:
         "url": pa.string(),
         "source": pa.string(),
         "source_row": pa.int64(),
+        "segment": pa.int64(),
         "score": pa.int64(),
         # "web" (derived from a document) or "seed" (a seed pair, output.seed_mix).
         "origin": pa.string(),

@@ -18,6 +18,7 @@ from bft.config import StorageConfig
 INPUT_SUFFIXES = {
     "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz"),
     "parquet": (".parquet",),
+    "warc": (".warc", ".warc.gz", ".wet", ".wet.gz"),
 }
 
 

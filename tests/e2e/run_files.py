@@ -2,7 +2,8 @@
 the independent side of every count an end-to-end test compares with what bft says (its
 manifest, the resume block of a resumed attempt, its report).
 
-Rows are identified as bft documents them: by where they came from, ``(source, source_row)``.
+Rows are identified as bft documents them: by where they came from, ``(source, source_row)``,
+and a segment of a long document by its ``segment`` too.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def parquet_paths(fs, folder: str) -> list[str]:
                   ) if fs.exists(folder) else []
 
 
-def key(row: dict) -> tuple[str, int]:
-    return row["source"], row["source_row"]
+def key(row: dict) -> tuple[str, int, int | None]:
+    return row["source"], row["source_row"], row.get("segment")
 
 
 def normalized(text: str) -> str:
@@ -78,7 +79,7 @@ class RunFiles:
 
     # --- what each stage finished --------------------------------------------------------
 
-    def finished(self, stage: str) -> set[tuple[str, int]]:
+    def finished(self, stage: str) -> set[tuple[str, int, int | None]]:
         """Rows ``stage`` is done with: in its output folder, or dropped by it."""
         done = {key(r) for r in self.dropped if r["stage"] == stage}
         if stage != "read":
@@ -86,11 +87,20 @@ class RunFiles:
         return done
 
     def done_at_read_or_filter(self, source: str) -> int:
-        return sum(1 for s, _ in self.finished("read") | self.finished("filter") if s == source)
+        """Whole documents of ``source`` finished at read or filter (segments not counted)."""
+        return sum(1 for s, _, g in self.finished("read") | self.finished("filter") if s == source and g is None)
+
+    def segments_added(self) -> int:
+        """Rows the cutting of long documents added: segment rows beyond one per document."""
+        segments = [r for r in self.kept["filter"] + self.dropped if r.get("segment") is not None
+                    and r.get("stage", "filter") == "filter"]
+        return len(segments) - len({(r["source"], r["source_row"]) for r in segments})
 
     def input_done(self, source: str) -> bool:
+        """bft reads a file again while it holds a segmented document (README "Resume")."""
         stats = self.stats.get(source)
-        return stats is not None and self.done_at_read_or_filter(source) >= stats["rows_seen"]
+        segmented = any(s == source and g is not None for s, _, g in self.finished("filter"))
+        return stats is not None and not segmented and self.done_at_read_or_filter(source) >= stats["rows_seen"]
 
     def expected_resume(self, inputs: list[str]) -> dict:
         """What re-running this run must find (the manifest's ``resume`` block)."""
@@ -123,14 +133,16 @@ class RunFiles:
         ends = [key(r) for r in self.kept["sft"]] + [key(r) for r in self.dropped]
         assert len(ends) == len(set(ends)), f"rows ending twice: {_repeats(ends)}"
         seen = sum(s["rows_seen"] for s in self.stats.values())
-        assert len(ends) == seen, f"{seen} rows read, {len(ends)} ended in sft/ or dropped/"
+        added = self.segments_added()
+        assert len(ends) == seen + added, f"{seen} rows read (+{added} segments), {len(ends)} ended in sft/ or dropped/"
         if input_rows is not None:
             assert seen == input_rows
         m = self.manifest
         assert m is not None, f"{self.run}: no manifest"
         assert m["reconciled"] is True, m["reconciliation_problems"]
-        assert m["invariant"] == {"input_rows": seen, "final_rows": len(self.kept["sft"]),
+        assert m["invariant"] == {"input_rows": seen, "segments_added": added, "final_rows": len(self.kept["sft"]),
                                   "dropped_rows": len(self.dropped), "holds": True}
+        assert m["stages"]["filter"]["segments_added"] == added
         for stage, expected in self.stage_counts().items():
             entry = m["stages"][stage]
             got = {"in": entry["in"], "out": entry["out"], "dropped_by_reason": entry["dropped_by_reason"]}

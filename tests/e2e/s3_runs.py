@@ -8,6 +8,11 @@ on resume), and one file past ``input.max_files``. ``curate.threshold`` is 1, so
 documents reach the final dataset does not depend on the random model's scores: a run
 that lost or duplicated work cannot match the baseline.
 
+A WARC file (``w-crawl.warc.gz``) holds two pages wrapped in HTML, one long enough to be
+cut into segments, among the records a crawl also holds (requests, metadata, a 404, an
+image, a redirect), so WARC reading and segmentation go through every S3 run, resume
+included.
+
 The resume date's prefix gets the copy's file (and the one past ``max_files``) only after
 its first attempt is killed, like shards still arriving: the resumed run must then catch
 the copy against a document the killed attempt kept. Files are read in name order
@@ -24,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from hostile import HostileCorpus, write_hostile_corpus
+from warc_files import crawl_records, long_document, warc_bytes
 
 from .conftest import ROOT, S3_KEY_ID, S3_SECRET, BftProcess, engine_settings
 from .run_files import RunFiles, key, parquet_paths
@@ -37,6 +43,12 @@ RUNS = f"s3://{BUCKET}/runs/{{date}}"
 ORIGINAL_ID, COPY_ID = "qs-002", "copy-of-qs-002"
 COPY_FILE = "y-copy.jsonl"
 BEYOND_MAX_FILES = "zz-beyond-max-files.jsonl"
+WARC_FILE = "w-crawl.warc.gz"
+
+
+def warc_pages() -> list[str]:
+    """The WARC's page texts: one within filters.max_chars, one cut into segments."""
+    return [long_document(16, 3)[:2500], long_document(17, 8)]
 
 
 @dataclass
@@ -70,7 +82,9 @@ def upload_corpus(fs, folder: Path) -> Corpus:
     beyond = folder / BEYOND_MAX_FILES
     beyond.write_text(json.dumps({"id": "beyond-max-files", "text": original["text"] + " Extra."}) + "\n")
     late = {COPY_FILE: copy, BEYOND_MAX_FILES: beyond}
-    files = {**{p.name: p for p in hostile.files}, "quickstart.jsonl": docs, **late}
+    warc = folder / WARC_FILE
+    warc.write_bytes(warc_bytes(crawl_records(warc_pages())))
+    files = {**{p.name: p for p in hostile.files}, "quickstart.jsonl": docs, WARC_FILE: warc, **late}
     for name, path in files.items():
         fs.put(str(path), f"{BUCKET}/crawl/{BASELINE_DATE}/{name}")
         if name not in late:

@@ -13,11 +13,13 @@ import pytest
 
 from bft.config import ConfigError, load_config
 
+from warc_files import crawl_records, skipped_count
+
 from .conftest import ROOT, S3_SECRET, engine_settings, run_bft
 from .report_checks import check_page_renders, check_report_against_files
 from .run_files import documented_columns, key
-from .s3_runs import (BASELINE_DATE, BEYOND_MAX_FILES, BUCKET, COPY_FILE, COPY_ID, ORIGINAL_ID, command, env_for,
-                      runs_folder)
+from .s3_runs import (BASELINE_DATE, BEYOND_MAX_FILES, BUCKET, COPY_FILE, COPY_ID, ORIGINAL_ID, WARC_FILE, command,
+                      env_for, runs_folder, warc_pages)
 
 DOCS = ROOT / "examples" / "docs.jsonl"
 TEMPLATES = ROOT / "src" / "bft" / "templates"
@@ -42,6 +44,27 @@ def test_files_past_max_files_are_not_read(s3_baseline):
     sources = {r["source"] for r in files.dropped + files.kept["filter"]} | set(files.stats)
     assert not [s for s in sources if s.endswith(BEYOND_MAX_FILES)]
     assert all(not s.endswith(BEYOND_MAX_FILES) for s in files.stats)
+
+
+def test_warc_pages_from_s3_become_rows_and_the_long_one_segments(s3_baseline, s3_corpus):
+    """The WARC of the corpus (s3_runs.py): its two 200 HTML responses are the file's rows,
+    every other record is counted as skipped, and the long page went on as two segments."""
+    files = s3_baseline.files
+    fs, corpus = s3_corpus
+    source = next(s for s in files.stats if s.endswith(WARC_FILE))
+    records = crawl_records(warc_pages())
+    stats = files.stats[source]
+    assert stats["rows_seen"] == 2 and sum(stats["records_skipped"].values()) == skipped_count(records)
+    assert files.manifest["stages"]["read"]["records_skipped"]["request"] >= 2
+    responses = {r.record_id: r.url for r in records if r.kind == "response" and b"200 OK" in r.block[:20]}
+    rows = [r for r in files.kept["filter"] + files.dropped if r["source"] == source]
+    assert {r["id"].split("#")[0] for r in rows} == set(responses)
+    assert all(r["url"] == responses[r["id"].split("#")[0]] for r in rows)
+    segments = sorted((r["id"], r["segment"]) for r in rows if r["segment"] is not None)
+    long_id = [rid for rid in responses if any(i.startswith(rid) for i, _ in segments)]
+    assert segments == [(f"{long_id[0]}#1", 1), (f"{long_id[0]}#2", 2)]
+    assert files.manifest["stages"]["filter"]["segments_added"] == files.segments_added() >= 1
+    assert any(r["source"] == source for r in files.kept["sft"])  # through every stage
 
 
 def test_duplicates_are_dropped_across_files_naming_the_kept_copy(s3_baseline):
@@ -73,8 +96,15 @@ def test_drop_reasons_of_the_quickstart_corpus(s3_baseline):
     quickstart = [r for r in dropped if r["source"].endswith("quickstart.jsonl")]
     reasons = Counter(r["reason"] for r in quickstart)
     # The quickstart corpus has one row for each of these on purpose.
-    assert reasons == {"malformed_json": 1, "too_short": 1, "too_long": 1, "duplicate": 1, "boilerplate": 1,
+    assert reasons == {"malformed_json": 1, "too_short": 1, "duplicate": 1, "near_duplicate": 1, "boilerplate": 1,
                        "uppercase": 1, "repeated_lines": 1}, reasons
+    # the tomato soup recipe's reworded twin, earlier in the file, is the one kept
+    twin = next(r for r in quickstart if r["reason"] == "near_duplicate")
+    assert twin["id"] == "qs-034" and "near-duplicate of document sha1-" in twin["detail"]
+    # its over-long document is cut into two segments instead of dropped (filters.long_documents)
+    files = s3_baseline.files
+    parts = sorted(r["id"] for r in files.kept["filter"] + dropped if r["id"].startswith("qs-bad-long"))
+    assert parts == ["qs-bad-long#1", "qs-bad-long#2"]
     assert all(r["stage"] and r["detail"] for r in dropped)
 
 

@@ -132,6 +132,9 @@ def write_job_config(folder: Path, tiny_model: Path, out: Path) -> tuple[Path, P
                         + "\nKeep the answer short.\n")
     data.update(model=str(tiny_model), input={"uri": str(WEBDOCS)}, output={"uri": str(out), "system_prompt": SYSTEM_PROMPT})
     data["filters"]["max_chars"] = MAX_CHARS
+    # Long pages dropped, not cut: at this max_chars, segments would multiply the LLM work
+    # (segmentation runs in the S3 runs and the WARC run).
+    data["filters"]["long_documents"] = "drop"
     data["curate"]["threshold"] = THRESHOLD
     data["generate"].update(structured_output_regex=GENERATE_REGEX, max_instruction_chars=MAX_INSTRUCTION_CHARS)
     data["generate"]["sampling"]["max_tokens"] = 128

@@ -16,8 +16,8 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
-    **dict.fromkeys(["REDACTED", "ConfigError", "EngineConfig", "FewShotConfig", "FilterConfig", "InputConfig", "LLMStageConfig",
-                     "OutputConfig", "RayConfig", "ReportConfig", "ResourcesConfig", "SamplingConfig",
+    **dict.fromkeys(["REDACTED", "ConfigError", "EngineConfig", "FewShotConfig", "FilterConfig", "InputConfig",
+                     "LLMStageConfig", "NearDedupConfig", "OutputConfig", "RayConfig", "ReportConfig", "ResourcesConfig", "SamplingConfig",
                      "SeedConfig", "StageConfig", "StorageConfig", "TrainConfig"], "models"),
     "BftConfig": "run",
     **dict.fromkeys(["apply_overrides", "load_config", "load_report_settings", "read_config_text"], "loading"),

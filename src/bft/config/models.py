@@ -30,8 +30,9 @@ class InputConfig(_Strict):
     uri: str = "examples/docs.jsonl"
     """File, directory or prefix to read: a local path or ``s3://bucket/prefix``."""
 
-    format: Literal["auto", "jsonl", "parquet"] = "auto"
-    """``auto`` picks by extension: ``.jsonl``/``.json``/``.jsonl.gz``/``.json.gz`` or ``.parquet``."""
+    format: Literal["auto", "jsonl", "parquet", "warc"] = "auto"
+    """``auto`` picks by extension: ``.jsonl``/``.json``/``.jsonl.gz``/``.json.gz``, ``.parquet``, or
+    ``.warc``/``.warc.gz``/``.wet``/``.wet.gz`` (Common Crawl WARC and WET)."""
 
     text_column: str = "text"
     """Column (or dotted path into nested JSON) holding the document text."""
@@ -93,18 +94,55 @@ class StorageConfig(_Strict):
         return opts
 
 
+class NearDedupConfig(_Strict):
+    threshold: float = Field(default=0.8, gt=0, le=1)
+    """Drop a document whose word-shingle Jaccard similarity to a kept one reaches this
+    (estimated by MinHash LSH, so pairs just above it may be missed and just below caught)."""
+
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    """MinHash permutations: more estimate the similarity better and cost more time and memory."""
+
+    shingle_words: int = Field(default=5, ge=1, le=20)
+    """Words per shingle."""
+
+    shards: int = Field(default=4, ge=1)
+    """Actors holding the LSH band tables; each band bucket is owned by one of them."""
+
+    seed: int = 1
+    """Seed of the MinHash permutations (the same in every process, so resumes agree)."""
+
+
 class FilterConfig(_Strict):
     min_chars: int = Field(default=600, ge=0)
-    """Drop documents shorter than this many characters (Humpback used 600-3000)."""
+    """Drop documents (or segments) shorter than this many characters (Humpback used 600-3000)."""
 
     max_chars: int = Field(default=3000, ge=1)
-    """Drop documents longer than this many characters."""
+    """Documents longer than this are cut into segments (``long_documents: segment``) or dropped."""
+
+    long_documents: Literal["segment", "drop"] = "segment"
+    """A document over ``max_chars``: ``segment`` splits it at paragraph, then sentence (then
+    word) boundaries into segments of ``min_chars``..``max_chars``, each a row of its own
+    (``segment`` column, id ``<doc id>#<n>``); ``drop`` drops it as ``too_long``."""
+
+    max_segments: int = Field(default=20, ge=1)
+    """A document that would make more segments than this is dropped whole (``too_long``), so
+    one huge page (a forum dump, a book) cannot flood the run."""
+
+    languages: list[str] | None = Field(default_factory=lambda: ["en"])
+    """Keep documents in these languages (ISO 639-1 codes, detected offline by py3langid);
+    ``None`` or ``[]`` keeps every language."""
+
+    min_language_score: float = Field(default=0.5, ge=0, le=1)
+    """...and drop those whose detected language is one of them with a lower confidence."""
 
     dedup: bool = True
     """Drop exact duplicates of normalized text (case, Unicode form and whitespace folded)."""
 
     dedup_shards: int = Field(default=4, ge=1)
     """Number of dedup actors; each owns a hash range of seen documents."""
+
+    near_dedup: NearDedupConfig | None = Field(default_factory=NearDedupConfig)
+    """Drop near-duplicates (templates, mirrors) by MinHash LSH; ``null`` turns it off."""
 
     max_duplicate_line_fraction: float = Field(default=0.3, ge=0, le=1)
     """Drop when this share of characters sits in lines that repeat elsewhere in the document."""

@@ -247,7 +247,7 @@ async def generate(engine: SteppedEngine | AsyncEngine, request_id: str, request
         completion = final.outputs[0]
         return EngineReply(text=completion.text, prompt_tokens=len(final.prompt_token_ids or ()),
                            completion_tokens=len(completion.token_ids),
-                           cached_tokens=final.num_cached_tokens)
+                           cached_tokens=final.num_cached_tokens, finish_reason=completion.finish_reason)
     except fatal_errors():
         raise
     except Exception as exc:  # noqa: BLE001 - the engine's own request errors are many kinds

@@ -14,7 +14,7 @@ import unicodedata
 
 import ray
 
-from bft.schema import row_key
+from bft.schema import identity, row_key
 
 WHITESPACE_RE = re.compile(r"\s+")
 
@@ -63,7 +63,7 @@ class Deduplicator:
         for i, digest in enumerate(hashes):
             by_shard.setdefault(int.from_bytes(digest[:8], "big") % len(self.shards), []).append(i)
         refs = {s: self.shards[s].claim.remote(
-                    [(hashes[i], row_key(docs[i]["source"], docs[i]["source_row"]), docs[i]["id"]) for i in idx])
+                    [(hashes[i], row_key(*identity(docs[i])), docs[i]["id"]) for i in idx])
                 for s, idx in by_shard.items()}
         result: list[str | None] = [None] * len(docs)
         for s, idx in by_shard.items():

@@ -115,6 +115,12 @@ class ReadStats:
     rows_ok: int = 0
     rows_dropped: int = 0
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    # WARC records that are no document (requests, metadata, non-200, not HTML), by kind:
+    # not rows, so not in rows_seen.
+    records_skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, kind: str) -> None:
+        self.records_skipped[kind] = self.records_skipped.get(kind, 0) + 1
 
     def count(self, row: dict[str, Any]) -> None:
         self.rows_seen += 1
@@ -143,6 +149,7 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows
     """
     from bft.readers.jsonl import RejectedLine, iter_jsonl_records
     from bft.readers.parquet import iter_parquet_records
+    from bft.readers.warc import SkippedRecord, iter_warc_records
 
     if fmt == "auto":
         fmt = detect_format(uri) or ""
@@ -150,17 +157,23 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows
         records = iter_jsonl_records(storage, uri)
     elif fmt == "parquet":
         records = iter_parquet_records(storage, uri, mapping, rows_per_block)
+    elif fmt == "warc":
+        records = iter_warc_records(storage, uri)
+        mapping = ColumnMapping()  # the reader's own fields: text, id, url
     else:
         raise InputError(f"{uri}: cannot tell the format from the name; set input.format")
 
     stats = ReadStats(source=uri)
     docs: list[dict] = []
     drops: list[dict] = []
-    saw_text_column = False
+    saw_text_column = fmt == "warc"  # no columns to map: the reader makes the fields
     position = 0
     try:
         for position, record in records:
-            if isinstance(record, RejectedLine):  # the format reader already rejected it (e.g. bad JSON)
+            if isinstance(record, SkippedRecord):  # a WARC record that is no document
+                stats.skip(record)
+                continue
+            if isinstance(record, RejectedLine):  # the format reader rejected it (bad JSON, unparseable HTML)
                 row = record
             else:
                 row = mapping.to_doc(record, uri, position)

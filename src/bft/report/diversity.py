@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import random
-import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
-import numpy as np
-
+from bft.filters.near_dedup import similar_pairs
 from bft.filters.quality import WORD_RE
 
 # Unique trigrams are counted over this many texts, so runs of different sizes compare
 # (the count grows more slowly than the number of texts).
 TRIGRAM_WINDOW = 1000
-_MERSENNE = (1 << 31) - 1
 
 
 def words(text: str) -> list[str]:
@@ -59,35 +56,11 @@ def jaccard(a: set, b: set) -> float:
 
 
 def near_duplicates(texts: list[str], threshold: float, seed: int = 0, num_perm: int = 64,
-                    bands: int = 16, examples: int = 5) -> dict[str, Any]:
-    """Pairs whose character 5-gram Jaccard similarity reaches ``threshold``.
-
-    MinHash with banding finds candidate pairs without comparing all pairs; each
-    candidate is then checked exactly. 16 bands of 4 find a pair at Jaccard 0.7 with
-    probability 0.99. Shingles are hashed with CRC32, not ``hash()``, whose per-process
-    salt would make the result differ between runs.
-    """
-    shingles = [_shingles(t) for t in texts]
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, _MERSENNE, num_perm, dtype=np.uint64)
-    b = rng.integers(0, _MERSENNE, num_perm, dtype=np.uint64)
-    rows = num_perm // bands
-    buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-    for i, sh in enumerate(shingles):
-        if not sh:
-            continue
-        hashes = np.fromiter((zlib.crc32(s.encode()) for s in sh), dtype=np.uint64, count=len(sh))
-        signature = ((hashes[:, None] * a + b) % _MERSENNE).min(axis=0)
-        for band in range(bands):
-            buckets[(band, signature[band * rows:(band + 1) * rows].tobytes())].append(i)
-    candidates = {(x, y) for members in buckets.values() if len(members) > 1
-                  for k, x in enumerate(members) for y in members[k + 1:]}
-    pairs = []
-    for x, y in candidates:
-        similarity = jaccard(shingles[x], shingles[y])
-        if similarity >= threshold:
-            pairs.append((similarity, x, y))
-    pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+                    examples: int = 5) -> dict[str, Any]:
+    """Pairs whose character 5-gram Jaccard similarity reaches ``threshold``: MinHash LSH
+    candidates (the code of the near-duplicate filter, ``bft.filters.near_dedup``), each
+    checked exactly, so the figure counts true pairs only."""
+    pairs = similar_pairs([_shingles(t) for t in texts], threshold, num_perm, seed + 1, jaccard)
     involved = {i for _, x, y in pairs for i in (x, y)}
     return {
         "n": len(texts),

@@ -46,8 +46,10 @@ class LLMStep(Protocol):
     def prompt_values(self, row: dict[str, Any]) -> dict[str, str]:
         """The value of each of ``PLACEHOLDERS`` for one row."""
 
-    def parse(self, raw: str, cfg: Any) -> dict[str, Any] | Drop:
-        """The model's reply to the fields a kept row gains, or why the row is dropped."""
+    def parse(self, raw: str, cfg: Any, row: dict[str, Any]) -> dict[str, Any] | Drop:
+        """The model's reply to the fields a kept row gains, or why the row is dropped
+        (``row``: the incoming row, e.g. to refuse a reply copied from its document).
+        Replies cut off at ``max_tokens`` are dropped (``truncated``) before this is called."""
 
     # Optional, for a stage whose Config has ``few_shot`` (generate): ``shot(pair)`` gives
     # a seed pair as a worked example, ``(prompt values, answer)``.

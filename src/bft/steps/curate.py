@@ -21,20 +21,25 @@ DROP_COLUMNS = ("score",)
 
 
 class Config(StageConfig):
-    # Scores must always parse, so the output is constrained to "<reasoning>\nScore: N".
-    # The reasoning bound (characters) stays below max_tokens so the regex can complete.
+    # No output regex by default: a real judge reasons in its own words and its own
+    # length, and the parser reads the forms judges write (the random-weight quickstart
+    # model is the one that needs a regex; examples/quickstart.yaml sets it).
     stage_defaults: ClassVar[dict[str, Any]] = {
-        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 256},
-        "structured_output_regex": r"[^\n]{1,200}\nScore: [1-5]",
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512},
     }
 
     threshold: int = Field(default=5, ge=1, le=5)
     """Keep pairs scored at or above this (5-point rubric)."""
 
-# "Score: 4", "**Score:** 4", "score = 4/5", "Score: 4.0". The rubric asks for the score
-# on the last line, so the last match is the verdict (models sometimes restate an early
-# guess before concluding).
-SCORE_RE = re.compile(r"score\s*\**\s*[:=：]\s*\**\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*5)?", re.IGNORECASE)
+# The forms judges write: "Score: 4", "**Score:** 4", "score = 4/5", "Score: 4.0",
+# "Final score: **4**", "Rating: 4 out of 5", "I would rate this 4 out of 5". The rubric
+# asks for the score last, so the last match is the verdict (models sometimes restate an
+# early guess before concluding). A scale ("/10", "out of 10") other than 5 is refused.
+_NUMBER = r"\**\s*(?P<value>-?\d+(?:\.\d+)?)\s*\**\s*(?:(?:/|out\s+of)\s*(?P<scale>\d+))?"
+SCORE_RE = re.compile(r"(?:score|rating)\s*\**\s*(?:[:=：]|\bis\b|\bof\b)\s*" + _NUMBER, re.IGNORECASE)
+RATE_RE = re.compile(r"\brate\s+(?:it|this|the\s+\w+)?\s*(?:an?\s+|as\s+)?" + _NUMBER, re.IGNORECASE)
+# A reply whose last line is the number alone ("4", "**4**", "4/5").
+BARE_SCORE_RE = re.compile(r"(?:^|\n)\s*" + _NUMBER + r"\s*\.?\s*$")
 
 
 def prompt_values(row: dict[str, Any]) -> dict[str, str]:
@@ -46,18 +51,21 @@ def parse_score(raw: str) -> tuple[int, str] | Drop:
     text = (raw or "").strip()
     if not text:
         return Drop("unparseable_score", "empty rating")
-    matches = list(SCORE_RE.finditer(text))
-    if not matches:
+    matches = [*SCORE_RE.finditer(text), *RATE_RE.finditer(text)]
+    last = max(matches, key=lambda m: m.start()) if matches else BARE_SCORE_RE.search(text)
+    if last is None:
         return Drop("unparseable_score", "no 'Score: N' in the rating")
-    last = matches[-1]
-    value = float(last.group(1))
+    value, scale = float(last.group("value")), last.group("scale")
+    if scale is not None and int(scale) != 5:
+        return Drop("score_out_of_range", f"score {last.group('value')}/{scale} is not on the 5-point scale")
     if value != int(value) or not 1 <= value <= 5:
-        return Drop("score_out_of_range", f"score {last.group(1)} is not an integer from 1 to 5")
-    reasoning = text[:last.start()].strip()
+        return Drop("score_out_of_range", f"score {last.group('value')} is not an integer from 1 to 5")
+    # The reasoning: the lines before the verdict's line ("**Score:** 4", "Final score: 4").
+    reasoning = text[:text.rfind("\n", 0, last.start("value")) + 1].strip()
     return int(value), reasoning
 
 
-def parse(raw: str, cfg: Config) -> dict[str, Any] | Drop:
+def parse(raw: str, cfg: Config, row: dict[str, Any] | None = None) -> dict[str, Any] | Drop:
     parsed = parse_score(raw)
     if isinstance(parsed, Drop):
         return parsed

@@ -68,7 +68,7 @@ def clean_instruction(raw: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def parse(raw: str, cfg: Config) -> dict[str, Any] | Drop:
+def parse(raw: str, cfg: Config, row: dict[str, Any] | None = None) -> dict[str, Any] | Drop:
     instruction = clean_instruction(raw or "")
     if not instruction:
         return Drop("empty_instruction", "the model returned no instruction")

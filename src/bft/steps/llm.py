@@ -3,7 +3,7 @@
     row  ->  request (prompt + sampling)  ->  engine  ->  reply  ->  parse  ->  kept or dropped
 
 The step module (``steps/base.py``) supplies ``prompt_values(row)`` and
-``parse(text, stage_config)``; the engines (``bft/engines/``) only move requests and
+``parse(text, stage_config, row)``; the engines (``bft/engines/``) only move requests and
 replies, so every engine layout writes the same rows, reasons and columns.
 """
 
@@ -31,6 +31,20 @@ class EngineReply:
     does not report it (``ray.data.llm``'s vLLM stage does not pass it on)."""
     error: str = ""
     """Why the engine failed this request (the row is dropped as ``engine_error``)."""
+    finish_reason: str | None = None
+    """``stop`` (end of sequence, a stop string, a completed output regex) or ``length``
+    (cut off at ``max_tokens``); ``None`` where the engine does not say."""
+
+
+def truncated(reply: EngineReply, stage: Any) -> bool:
+    """Whether the reply was cut off at the stage's ``max_tokens``: the engine's finish
+    reason, or, where it gives none, a completion of exactly ``max_tokens`` tokens.
+    ``ignore_eos`` (benchmarks) always generates ``max_tokens``: never truncated then."""
+    if stage.sampling.ignore_eos:
+        return False
+    if reply.finish_reason is not None:
+        return reply.finish_reason == "length"
+    return reply.completion_tokens is not None and reply.completion_tokens >= stage.sampling.max_tokens
 
 
 def request_params(stage: Any) -> dict[str, Any]:
@@ -82,7 +96,14 @@ def build_request(row: dict[str, Any], step: LLMStep, config: Any,
 def outcome(row: dict[str, Any], step: LLMStep, stage_cfg: Any, reply: EngineReply) -> tuple[bool, dict[str, Any]]:
     """``(True, kept row)`` or ``(False, drop record)`` for one row's reply."""
     name = step.NAME
-    result = Drop("engine_error", reply.error[:2000]) if reply.error else step.parse(reply.text, stage_cfg)
+    if reply.error:
+        result: dict[str, Any] | Drop = Drop("engine_error", reply.error[:2000])
+    elif truncated(reply, stage_cfg):
+        # A cut-off instruction or verdict reads as whole to every later check.
+        result = Drop("truncated", f"the reply was cut off at {name}.sampling.max_tokens "
+                                   f"{stage_cfg.sampling.max_tokens} (finish reason length)")
+    else:
+        result = step.parse(reply.text, stage_cfg, row)
     if isinstance(result, Drop):
         return False, {**row, **result.fields, "reason": result.reason, "detail": result.detail,
                        "raw_output": reply.text, "prompt_tokens": reply.prompt_tokens,

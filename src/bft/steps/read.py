@@ -29,12 +29,12 @@ def read_stats(storage: Storage, run_uri: str) -> list[dict]:
             if uri.endswith(".json")]
 
 
-def _unfinished(rows: list[dict], stage: str, finished: Any) -> list[dict]:
+def unfinished(rows: list[dict], stage: str, finished: Any) -> list[dict]:
     """Rows an earlier attempt of this run has not finished at ``stage`` (all, on a first
     attempt: ``finished`` is a ``resume.FinishedRows`` or ``None``)."""
     if not rows or finished is None or not finished.count(stage):
         return rows
-    done = finished.mask(stage, [r["source"] for r in rows], [r["source_row"] for r in rows])
+    done = finished.mask_rows(stage, rows)
     return [row for row, skip in zip(rows, done) if not skip]
 
 
@@ -55,7 +55,7 @@ def read_files(batch: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
         skipped = 0
         for docs, drops, stats in read_file(ctx.storage, uri, cfg.format, mapping, cfg.rows_per_block,
                                             cfg.on_bad_file):
-            new_drops, new_docs = _unfinished(drops, "read", finished), _unfinished(docs, "filter", finished)
+            new_drops, new_docs = unfinished(drops, "read", finished), unfinished(docs, "filter", finished)
             skipped += len(docs) + len(drops) - len(new_docs) - len(new_drops)
             writer.write("read", [], new_drops, started)
             if new_docs:
@@ -84,7 +84,8 @@ def read_stage_outputs(batch: pa.Table, ctx: RunContext, stage: str,
                         table = table.add_column(i, pa.field(name, dtype), pa.nulls(table.num_rows, dtype))
                 if finished is not None and finished.count(stage):
                     done = finished.mask(stage, table.column("source").to_pylist(),
-                                         table.column("source_row").to_pylist())
+                                         table.column("source_row").to_pylist(),
+                                         table.column("segment").to_pylist())
                     table = table.filter(pa.array(~done))
                 if table.num_rows:
                     yield table

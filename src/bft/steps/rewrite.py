@@ -26,8 +26,9 @@ class Config(StageConfig):
         "sampling": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 1024},
     }
 
-    min_response_chars: int = Field(default=1, ge=1)
-    """Drop rewritten responses shorter than this."""
+    min_response_chars: int = Field(default=40, ge=1)
+    """Drop rewritten responses shorter than this (a sentence fragment such as "and" or
+    "Here it is" is no answer)."""
 
 OPEN_RE = re.compile(r"\[\s*RES\s*\]", re.IGNORECASE)
 CLOSE_RE = re.compile(r"\[\s*/\s*RES\s*\]", re.IGNORECASE)
@@ -37,29 +38,51 @@ def prompt_values(row: dict[str, Any]) -> dict[str, str]:
     return {"document": row["text"], "instruction": row["instruction"]}
 
 
+def tag_blocks(text: str) -> list[str]:
+    """The contents of every complete ``[RES]...[/RES]`` block of ``text``: each closing
+    tag with the nearest opening tag before it (so an echoed "between [RES] and [/RES]"
+    is one block and the answer after it another)."""
+    blocks, opened = [], None
+    for match in sorted([*OPEN_RE.finditer(text), *CLOSE_RE.finditer(text)], key=lambda m: m.start()):
+        if OPEN_RE.fullmatch(match.group()):
+            opened = match
+        elif opened is not None:
+            blocks.append(text[opened.end():match.start()].strip())
+            opened = None
+    return blocks
+
+
 def extract_response(raw: str) -> str | Drop:
-    """The text between the first ``[RES]`` and the next ``[/RES]``."""
+    """The longest complete ``[RES]...[/RES]`` block: models that echo the instruction
+    ("I'll put it between [RES] and [/RES]") or restate the tags around their answer write
+    short blocks besides the real one, never a longer one."""
     text = raw or ""
     if not text.strip():
         return Drop("empty_output", "the model returned nothing")
-    opening = OPEN_RE.search(text)
-    if opening is None:
+    if OPEN_RE.search(text) is None:
         return Drop("missing_response_tag", "no [RES] tag in the output")
-    closing = CLOSE_RE.search(text, opening.end())
-    if closing is None:
+    blocks = tag_blocks(text)
+    if not blocks:
         # Usually a reply cut off by max_tokens: keeping it would keep a truncated answer.
         return Drop("missing_end_tag", "no [/RES] after [RES] (output truncated?)")
-    response = text[opening.end():closing.start()].strip()
+    response = max(blocks, key=len)
     if not response:
         return Drop("empty_response", "nothing between [RES] and [/RES]")
     return response
 
 
-def parse(raw: str, cfg: Config) -> dict[str, Any] | Drop:
+def _folded(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def parse(raw: str, cfg: Config, row: dict[str, Any] | None = None) -> dict[str, Any] | Drop:
     response = extract_response(raw)
     if isinstance(response, Drop):
         return response
     if len(response) < cfg.min_response_chars:
         return Drop("response_too_short",
                     f"{len(response)} characters < rewrite.min_response_chars {cfg.min_response_chars}")
+    # Web text is untrusted: a page holding its own [RES]...[/RES] must not choose the answer.
+    if row is not None and _folded(response) in {_folded(b) for b in tag_blocks(row.get("text") or "")}:
+        return Drop("copied_tag_block", "the response is a [RES]...[/RES] block copied from the document itself")
     return {"response": response}

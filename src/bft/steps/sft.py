@@ -28,7 +28,8 @@ def build_sft(batch: pa.Table, ctx: RunContext) -> pa.Table:
         {
             "messages": to_messages(cfg.output.system_prompt, row["instruction"], row["response"]),
             "id": row["id"], "url": row["url"], "source": row["source"],
-            "source_row": row["source_row"], "score": row["score"], "origin": "web",
+            "source_row": row["source_row"], "segment": row.get("segment"), "score": row["score"],
+            "origin": "web",
             **{f"{name}_model": cfg.llm_stage(name).model for name in LLM_STAGES},
             **{f"{name}_prompt_sha256": ctx.templates[name].sha256 for name in LLM_STAGES},
         }

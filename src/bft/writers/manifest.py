@@ -49,6 +49,23 @@ class _StageTally:
         self.finished: float | None = None
         self.files = 0
         self.reread = 0  # rows read again on resume that an earlier attempt had finished
+        self.records_skipped: Counter[str] = Counter()  # read: WARC records that are no document
+        # filter: segment rows written, and the documents they were cut from
+        self.segment_rows = 0
+        self.segmented_docs: set[tuple[str, int]] = set()
+
+    def add_segments(self, table: Any) -> None:
+        if "segment" not in table.column_names:
+            return
+        for source, row, segment in zip(*(table.column(c).to_pylist() for c in ("source", "source_row", "segment"))):
+            if segment is not None:
+                self.segment_rows += 1
+                self.segmented_docs.add((source, row))
+
+    @property
+    def segments_added(self) -> int:
+        """Rows the cutting of long documents added: segments beyond one per document."""
+        return self.segment_rows - len(self.segmented_docs)
 
     def span(self, started: float | None, finished: float | None) -> None:
         if started is not None:
@@ -100,6 +117,7 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
         if stats.get("started_at", 0.0) >= attempt_started:
             read.reread += stats.get("rows_already_done", 0)
         read.files += 1
+        read.records_skipped.update(stats.get("records_skipped", {}))
         read.span(stats.get("started_at"), stats.get("finished_at"))
 
     for stage, folder in FOLDERS.items():
@@ -110,6 +128,8 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
                 tally.out += pf.metadata.num_rows
                 tally.files += 1
                 tally.span(*_times(pf.schema_arrow.metadata))
+                if stage == "filter":
+                    tally.add_segments(_read(pf, ["source", "source_row", "segment"]))
                 if stage in LLM_STAGES:
                     _add_tokens(tally, _read(pf, [f"{stage}_{k}_tokens" for k in ("prompt", "completion", "cached")]),
                                 f"{stage}_")
@@ -117,11 +137,14 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
     for uri in parquet_files(storage, join(run_uri, DROPPED_DIR)):
         with storage.open(uri, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            table = _read(pf, ["stage", "reason", "prompt_tokens", "completion_tokens", "cached_tokens"])
+            table = _read(pf, ["stage", "reason", "source", "source_row", "segment", "prompt_tokens",
+                               "completion_tokens", "cached_tokens"])
             started, finished = _times(pf.schema_arrow.metadata)
         for stage_name, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
             tallies[stage_name].dropped[reason] += 1
         stage_names = set(table.column("stage").to_pylist())
+        if "filter" in stage_names:  # a dropped file holds one stage's rows
+            tallies["filter"].add_segments(table)
         for stage_name in stage_names:
             tally = tallies[stage_name]
             tally.span(started, finished)
@@ -145,6 +168,7 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
         else:
             rows_in = counts[PREVIOUS[stage]]["out"]
         dropped = sum(tally.dropped.values())
+        added = tally.segments_added
         entry: dict[str, Any] = {
             "in": rows_in,
             "out": tally.out,
@@ -153,6 +177,11 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
             "wall_s": round(tally.finished - tally.started, 3)
             if tally.started is not None and tally.finished is not None else 0.0,
         }
+        if stage == "read":
+            entry["records_skipped"] = dict(sorted(tally.records_skipped.items()))
+        if stage == "filter":
+            # Documents in, segments out: a long document cut into n segments is n rows.
+            entry["segments_added"] = added
         if stage in LLM_STAGES:
             entry["prompt_tokens"] = tally.prompt_tokens
             entry["completion_tokens"] = tally.completion_tokens
@@ -160,8 +189,9 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
             # do not say (ray.data.llm's pools, engine.sharing per_stage): a partial sum
             # would pass for the whole.
             entry["cached_prompt_tokens"] = None if tally.cached_unreported else tally.cached_tokens
-        if rows_in != tally.out + dropped:
-            problems.append(f"{stage}: {rows_in} in != {tally.out} out + {dropped} dropped")
+        if rows_in + added != tally.out + dropped:
+            more = f" + {added} segments added" if added else ""
+            problems.append(f"{stage}: {rows_in} in{more} != {tally.out} out + {dropped} dropped")
         counts[stage] = entry
     return counts, problems
 
@@ -180,13 +210,16 @@ def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[
     for entry in counts.values():
         dropped_total.update(entry["dropped_by_reason"])
     first = counts[start_stage]["in"] if counts else 0
+    added = sum(entry.get("segments_added", 0) for entry in counts.values())
     final = counts.get("sft", {}).get("out", 0)
     seed_data = storage.read_if_exists(seed_pairs_uri(run_uri))
     seed_rows = pq.read_metadata(pa.BufferReader(seed_data)).num_rows if seed_data is not None else 0
-    invariant = {"input_rows": first, "final_rows": final, "dropped_rows": sum(dropped_total.values()),
-                 "holds": first == final + sum(dropped_total.values())}
+    invariant = {"input_rows": first, "segments_added": added, "final_rows": final,
+                 "dropped_rows": sum(dropped_total.values()),
+                 "holds": first + added == final + sum(dropped_total.values())}
     if not invariant["holds"]:
-        problems.append(f"run: {first} input rows != {final} final + {invariant['dropped_rows']} dropped")
+        problems.append(f"run: {first} input rows + {added} segments added != {final} final + "
+                        f"{invariant['dropped_rows']} dropped")
     finished_at = time.time()
     return {
         "run_id": run_id,

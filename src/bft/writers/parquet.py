@@ -3,7 +3,7 @@
 Each batch a stage finishes is written as one Parquet file under ``<run>/<stage dir>/``
 (kept rows) and one under ``<run>/dropped/`` (dropped rows), so stage outputs stream to
 storage as the run goes and no stage is ever held in memory whole. Both files of a batch
-are named after the identities (``source``, ``source_row``) of all the rows the batch
+are named after the identities (``source``, ``source_row``, ``segment``) of all the rows the batch
 finished, kept or dropped: a batch that runs again (a retried task, a replica replaced)
 writes the same two names whatever its new split, so it replaces what it wrote before
 instead of adding to it. Files appear atomically (see :meth:`Storage.write_bytes`).
@@ -18,7 +18,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bft.schema import to_table
+from bft.schema import identity, row_key, to_table
 from bft.stages import COLUMNS, DROPPED_COLUMNS, FOLDERS
 from bft.storage import Storage, join
 
@@ -50,14 +50,14 @@ def dropped_files(storage: Storage, run_uri: str, stage: str) -> list[str]:
 def batch_name(stage: str, rows: list[dict]) -> str:
     """The name of a batch's files: a digest of the stage and its rows' identities."""
     h = hashlib.sha1(stage.encode())
-    for source, source_row in sorted(identities(rows)):
-        h.update(b"\0" + source.encode("utf-8", "surrogatepass") + b"#" + str(source_row).encode())
+    for key in sorted(row_key(*identity(r)) for r in rows):
+        h.update(b"\0" + key.encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:20]
 
 
-def identities(rows: list[dict]) -> set[tuple[str, int]]:
-    """The rows' (source, source_row): what names a batch, whatever its split."""
-    return {(r["source"], r["source_row"]) for r in rows}
+def identities(rows: list[dict]) -> set[tuple[str, int, int | None]]:
+    """The rows' (source, source_row, segment): what names a batch, whatever its split."""
+    return {identity(r) for r in rows}
 
 
 class StageWriter:
