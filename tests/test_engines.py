@@ -248,7 +248,8 @@ def test_shared_and_per_stage_write_the_same_rows(run, tmp_path):
 def fake_output(text: str, cached: int = 40):
     from types import SimpleNamespace
 
-    return SimpleNamespace(outputs=[SimpleNamespace(text=text, token_ids=[7] * 5)], prompt_token_ids=[7] * 100,
+    return SimpleNamespace(outputs=[SimpleNamespace(text=text, token_ids=[7] * 5, finish_reason="stop")],
+                           prompt_token_ids=[7] * 100,
                            num_cached_tokens=cached, finished=True)
 
 

@@ -54,6 +54,9 @@ def test_llm_request_and_parse_round_trip(tmp_path, tiny_model):
     request = build_request(dict(row), curate, ctx.config, ctx.templates)
     assert "How do I repot a plant?" in request["prompt"] and GOOD in request["prompt"]
     assert request["prompt"].endswith("<|assistant|>\n")  # the model's chat template
+    assert "structured_outputs" not in request["sampling_params"]  # no regex by default
+    ctx.config.curate.structured_output_regex = "[a-z ,.]{10,60}\nScore: [1-5]"  # the quickstart's
+    request = build_request(dict(row), curate, ctx.config, ctx.templates)
     assert request["sampling_params"]["structured_outputs"] == {"regex": ctx.config.curate.structured_output_regex}
 
     engine_out = {"generated_text": "Good.\nScore: 5", "num_input_tokens": 300, "num_generated_tokens": 6,

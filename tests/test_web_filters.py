@@ -14,7 +14,7 @@ from bft.filters.language import check_language, check_languages
 from bft.filters.segment import segment_document, split_segments
 from bft.readers import ColumnMapping, InputError, read_file
 from bft.storage import Storage
-from warc_files import conversion_records, crawl_records, long_document, paragraph, skipped_count, warc_bytes
+from warc_files import conversion_records, crawl_records, long_document, pages, paragraph, skipped_count, warc_bytes
 
 def words_of(text: str) -> list[str]:
     return text.split()
@@ -186,8 +186,7 @@ def test_warc_response_records_become_documents_and_the_rest_is_counted(tmp_path
     assert sum(stats.records_skipped.values()) == skipped_count(records)
     assert stats.records_skipped["request"] == len(TEXTS) and stats.records_skipped["warcinfo"] == 1
     assert stats.rows_seen == len(TEXTS)  # skipped records are not rows
-    responses = [r for r in records if r.kind == "response" and r.block.startswith(b"HTTP/1.1 200 OK\r\n"
-                                                                                    b"Content-Type: text/html")]
+    responses = pages(records)
     for doc, record, text in zip(docs, responses, TEXTS):
         assert doc["id"] == record.record_id and doc["url"] == record.url
         assert words_of(text) == words_of(doc["text"])[-len(words_of(text)):]  # the article, whole

@@ -94,10 +94,15 @@ def crawl_records(texts: list[str], *, start: int = 1, charset: str = "utf-8") -
     return records
 
 
+def pages(records: list[Record]) -> list[Record]:
+    """The records that are documents: 200 HTML responses."""
+    return [r for r in records if r.kind == "response" and r.block.startswith(b"HTTP/1.1 200")
+            and b"text/html" in r.block.split(b"\r\n\r\n")[0]]
+
+
 def skipped_count(records: list[Record]) -> int:
     """Records the reader must skip: all but the 200 HTML responses and conversions."""
-    return sum(1 for r in records if not (r.kind == "conversion" or (
-        r.kind == "response" and r.block.startswith(b"HTTP/1.1 200") and b"text/html" in r.block.split(b"\r\n\r\n")[0])))
+    return sum(1 for r in records if r.kind != "conversion") - len(pages(records))
 
 
 def conversion_records(texts: list[str], start: int = 1) -> list[Record]:

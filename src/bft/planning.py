@@ -19,7 +19,7 @@ from bft.readers import ColumnMapping, InputError, read_file
 from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
 from bft.seed import SeedSet
 from bft.stages import FINAL, FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
-from bft.storage import Storage, detect_format, join
+from bft.storage import INPUT_SUFFIXES, Storage, detect_format, join
 from bft.writers.parquet import DROPPED_DIR, parquet_files
 
 log = logging.getLogger("bft")
@@ -93,14 +93,15 @@ def list_inputs(cfg: BftConfig, storage: Storage) -> list[str]:
     hidden and ``_``-prefixed names (``_SUCCESS``, ``.crc``)."""
     files = storage.list_files(cfg.input.uri)
     if files != [cfg.input.uri]:
-        wanted = {cfg.input.format} if cfg.input.format != "auto" else {"jsonl", "parquet"}
+        wanted = {cfg.input.format} if cfg.input.format != "auto" else set(INPUT_SUFFIXES)
         files = [f for f in files if detect_format(f) in wanted
                  and not f.rsplit("/", 1)[-1].startswith((".", "_"))]
     if cfg.input.max_files:
         files = files[:cfg.input.max_files]
     if not files:
-        raise InputError(f"{cfg.input.uri}: no input files found (looked for .jsonl, .jsonl.gz, .json, "
-                         f".parquet; set input.uri or input.format)")
+        looked = ", ".join(suffix for suffixes in INPUT_SUFFIXES.values() for suffix in suffixes)
+        raise InputError(f"{cfg.input.uri}: no input files found (looked for {looked}; set input.uri or "
+                         f"input.format)")
     return files
 
 

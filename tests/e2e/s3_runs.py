@@ -146,7 +146,7 @@ class Baseline:
     ray_tmp: Path
 
     @property
-    def final_keys(self) -> list[tuple[str, int]]:
+    def final_keys(self) -> list[tuple[str, int, int]]:
         return sorted(names(self.files.kept["sft"]))
 
     @property
@@ -154,9 +154,10 @@ class Baseline:
         return sorted(drop_records(self.files))
 
 
-def names(rows: list[dict]) -> list[tuple[str, int]]:
-    """Row keys with the file name only (runs of two dates read two prefixes)."""
-    return [(source.rsplit("/", 1)[-1], row) for source, row in map(key, rows)]
+def names(rows: list[dict]) -> list[tuple[str, int, int]]:
+    """Row keys with the file name only (runs of two dates read two prefixes); segment 0
+    for a whole document, so the keys sort."""
+    return [(source.rsplit("/", 1)[-1], row, segment or 0) for source, row, segment in map(key, rows)]
 
 
 def drop_records(files: RunFiles) -> list[tuple]:

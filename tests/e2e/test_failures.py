@@ -109,7 +109,7 @@ def test_hostile_input_every_bad_row_dropped_with_its_reason(s3_corpus, s3_basel
     hostile = corpus.hostile
     files = s3_baseline.files
     read_drops: dict[str, Counter] = {}
-    for name, _, stage, reason in drop_records(files):
+    for name, _, _, stage, reason in drop_records(files):
         if stage == "read":
             read_drops.setdefault(name, Counter())[reason] += 1
     for path in hostile.files:
@@ -161,7 +161,8 @@ def test_second_resume_rejoins_rows_at_every_stage_they_had_reached(interrupted_
     t = interrupted_twice
     final, after = t["final"], t["after_failure"]
     expected = after.expected_resume(t["inputs"])
-    assert final.manifest["resume"] == expected
+    assert final.manifest["resume"] == expected, {uri: (after.stats.get(uri), after.done_at_read_or_filter(uri),
+                                                        after.input_done(uri)) for uri in t["inputs"]}
     # rows that had reached rewrite (the killed batch) came back in there, not from the start
     assert expected["rows_entering_at"]["rewrite"] > 0, expected
     # each input file read again skipped exactly the rows already done

@@ -183,7 +183,7 @@ def test_job_output_is_complete_and_has_the_documented_columns(job):
     files.check_complete()
     files.check_nothing_lost()
     files.check_dedup()
-    files.check_columns(documented_columns())
+    files.check_columns(documented_columns(), null_columns=("segment",))  # long pages dropped here, not cut
 
 
 def test_one_shared_engine_served_every_pass_from_its_prefix_cache(job):
