@@ -141,6 +141,9 @@ def test_filter_step_turns_a_long_document_into_segment_rows_and_the_manifest_re
     assert manifest["invariant"]["segments_added"] == len(segments) - 1
     assert manifest["reconciled"] is False  # generate.. did not run: their rows are missing
     assert manifest["reconciliation_problems"][0].startswith("generate:")
+    from bft.cli import _summary
+
+    assert f"passages made {len(segments) - 1} more row(s)" in _summary(manifest)
 
 
 def test_resume_skips_finished_segments_and_reads_their_file_again(tmp_path):

@@ -16,6 +16,14 @@ def _summary(manifest: dict[str, Any]) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in entry["dropped_by_reason"].items())
         lines.append(f"{stage:<10}{entry['in']:>8}{entry['out']:>8}{entry['dropped']:>9}"
                      f"{entry['wall_s']:>9.1f}  {reasons}")
+    notes = []
+    if added := manifest["stages"].get("filter", {}).get("segments_added"):
+        notes.append(f"segments: long documents cut into passages made {added} more row(s) "
+                     f"(filter: in + {added} = out + dropped)")
+    if skipped := manifest["stages"].get("read", {}).get("records_skipped"):
+        notes.append(f"{sum(skipped.values())} WARC records that are no document skipped "
+                     f"({', '.join(f'{k}={v}' for k, v in skipped.items())})")
+    lines += notes
     status = "yes" if manifest["reconciled"] else "NO: " + "; ".join(manifest["reconciliation_problems"])
     lines.append(f"counts reconcile: {status}")
     if resume := manifest.get("resume"):
