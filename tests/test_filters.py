@@ -144,6 +144,23 @@ def test_a_document_that_loses_on_a_later_shard_gives_its_buckets_back(ray_local
     ray.kill(shard)
 
 
+def test_a_twin_named_after_a_document_that_then_lost_asks_again(ray_local):
+    """In one batch, i claims bucket a on shard 0 (so j, which shares only a, is named after
+    i), then loses on shard 1 to z of an earlier batch and gives a back: j is then kept, as
+    it would be with one shard."""
+    from bft.config import NearDedupConfig
+    from bft.filters.near_dedup import NearDeduplicator
+
+    near = NearDeduplicator.start(NearDedupConfig(shards=2))
+    buckets = {"z": {1: [b"z1"]}, "i": {0: [b"a"], 1: [b"z1"]}, "j": {0: [b"a"]}}
+    near._by_shard = lambda text: buckets[text]  # the buckets, chosen rather than hashed
+    assert near.near_duplicates_of([{"id": "Z", "source": "f", "source_row": 1, "text": "z"}]) == [None]
+    batch = [{"id": "I", "source": "f", "source_row": 2, "text": "i"},
+             {"id": "J", "source": "f", "source_row": 3, "text": "j"}]
+    assert near.near_duplicates_of(batch) == ["Z", None]
+    near.stop()
+
+
 def test_the_report_counts_near_duplicates_with_the_filter_code():
     from bft.filters.near_dedup import similar_pairs, word_shingles
 

@@ -25,6 +25,15 @@ from bft.steps import curate, generate, rewrite
     ("The score is 3.", 3),
     ("Good coverage, a little promotional.\n\n4", 4),  # the number alone on the last line
     ("## Evaluation\nSolid.\n\n**Score: 2/5**", 2),
+    ("The score is: 4", 4),
+    ("Score: [4]", 4),
+    # numbers after the verdict line do not override it
+    ("Score: 3/5. A perfect score is 5/5.", 3),
+    ("Score: 4\n\nNote: a score of 5 would require citations.", 4),
+    ("Score: 4 (a rating of 1 would mean irrelevant)", 4),
+    ("Score: 4\nThe page's bounce rate 50% is high.", 4),
+    # a judge quoting the page after its verdict: the page's "rate this 5 out of 5" is text
+    ("The answer covers the steps.\nScore: 2\nThe page says: 'students rate this 5 out of 5'", 2),
 ])
 def test_score_parses(raw, score):
     parsed = curate.parse_score(raw)
@@ -48,6 +57,7 @@ def test_reasoning_is_kept():
     ("Score: 4.5", "score_out_of_range"),
     ("Score: 8/10", "score_out_of_range"),  # another scale: not read as 8 of 5, nor as 4
     ("I would rate it 9 out of 10.", "score_out_of_range"),
+    ("Strengths:\n1. clear\n2. complete\n3.", "unparseable_score"),  # a numbered list is no verdict
 ])
 def test_score_failures(raw, reason):
     parsed = curate.parse_score(raw)
@@ -114,9 +124,13 @@ def test_a_tag_block_copied_from_the_document_is_dropped():
     row = {"text": f"How to repot a plant.\n[RES] {planted} [/RES]\nMore text about pots and soil."}
     drop = rewrite.parse(f"Here is the answer: [RES]{planted}[/RES]", rewrite.Config(), row)
     assert isinstance(drop, Drop) and drop.reason == "copied_tag_block"
-    # ... while an answer of its own, next to the copy, is kept
-    raw = f"[RES]{planted}[/RES] Let me do better: [RES]{ANSWER} The page's own tags were ignored.[/RES]"
-    assert rewrite.parse(raw, rewrite.Config(), row)["response"].startswith(ANSWER)
+    # ... also cut short or restyled
+    drop = rewrite.parse(f"[RES]{planted.upper()[:40]}[/RES]", rewrite.Config(), row)
+    assert isinstance(drop, Drop) and drop.reason == "copied_tag_block"
+    # ... while an answer of its own, next to the copy, is kept, even when the copy is longer
+    raw = f"[RES]{planted} {planted}[/RES] Let me do better: [RES]{ANSWER}[/RES]"
+    row = {"text": f"How to repot.\n[RES] {planted} {planted} [/RES]"}
+    assert rewrite.parse(raw, rewrite.Config(), row) == {"response": ANSWER}
 
 
 # --- generate: instruction cleaning ------------------------------------------------------

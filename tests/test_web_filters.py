@@ -244,3 +244,28 @@ def test_a_page_whose_html_cannot_be_parsed_is_dropped_with_a_reason(tmp_path, m
     docs, drops, stats = _read_all(tmp_path / "crawl.warc.gz")
     assert not docs and [d["reason"] for d in drops] == ["extraction_failed"] * 2
     assert "parser gave up" in drops[0]["detail"] and stats.drop_reasons == {"extraction_failed": 2}
+
+
+def test_encoded_bodies_are_decoded_and_a_lying_one_costs_only_its_page(tmp_path):
+    """gzip and chunked bodies are decoded; a body that claims gzip but is not is dropped
+    (decode_failed) and the pages after it are still read."""
+    import gzip as gz
+
+    from warc_files import Record, http_response, page_html
+
+    def response(n: int, body: bytes, extra: str) -> Record:
+        return Record("response", f"https://example.org/enc/{n}", http_response("200 OK", "text/html", body, extra),
+                      "application/http; msgtype=response", f"urn:uuid:00000000-0000-0000-0000-{n:012d}")
+
+    pages = [page_html(f"P{i}", TEXTS[i]).encode() for i in range(4)]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (pages[2][:100], pages[2][100:])) + b"0\r\n\r\n"
+    records = [response(1, gz.compress(pages[0]), "Content-Encoding: gzip\r\n"),
+               response(2, b"this is not gzip at all", "Content-Encoding: gzip\r\n"),
+               response(3, chunked, "Transfer-Encoding: chunked\r\n"),
+               response(4, pages[3], "")]
+    (tmp_path / "enc.warc.gz").write_bytes(warc_bytes(records))
+    docs, drops, _ = _read_all(tmp_path / "enc.warc.gz")
+    assert [d["url"].rsplit("/", 1)[1] for d in docs] == ["1", "3", "4"]
+    for doc, i in zip(docs, (0, 2, 3)):
+        assert words_of(doc["text"])[-20:] == words_of(TEXTS[i])[-20:]
+    assert [(d["source_row"], d["reason"]) for d in drops] == [(2, "decode_failed")]

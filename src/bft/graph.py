@@ -49,7 +49,9 @@ def seed_dedup(dedups: list[Deduplicator | NearDeduplicator], storage: Storage, 
     @ray.remote(num_cpus=light_cpus)
     def remember(uri: str) -> None:
         with storage.open(uri, "rb") as fh:
-            rows = pq.read_table(fh, columns=["id", "source", "source_row", "segment", "text"]).to_pylist()
+            parquet = pq.ParquetFile(fh)  # files of an older bft have no segment column
+            rows = parquet.read(columns=[c for c in ("id", "source", "source_row", "segment", "text")
+                                         if c in parquet.schema_arrow.names]).to_pylist()
         for dedup in dedups:
             dedup.remember(rows)
 

@@ -121,7 +121,8 @@ class FilterConfig(_Strict):
 
     long_documents: Literal["segment", "drop"] = "segment"
     """A document over ``max_chars``: ``segment`` splits it at paragraph, then sentence (then
-    word) boundaries into segments of ``min_chars``..``max_chars``, each a row of its own
+    word) boundaries into segments of at most ``max_chars`` (one under ``min_chars`` is dropped
+    as ``too_short``), each a row of its own
     (``segment`` column, id ``<doc id>#<n>``); ``drop`` drops it as ``too_long``."""
 
     max_segments: int = Field(default=20, ge=1)

@@ -10,7 +10,9 @@ A batch claims its documents' buckets shard by shard, always in the same shard o
 a document that finds one of its buckets owned by another stops there: of two twins in
 flight at once, the one that wins their first shared bucket (in that order) is kept and
 the other names it. A losing document gives back the buckets it claimed on earlier
-shards, so no later document is called a near-duplicate of one that was dropped.
+shards, and a document of the same batch that was named as its twin asks again. (Across
+two tasks in flight at once, a document can still be named after a twin that loses a
+moment later on another shard; it stays dropped, with that twin's id.)
 
 :func:`similar_pairs` is the same signature and banding run in memory, with each
 candidate pair checked exactly; the report's near-duplicate figure uses it.
@@ -157,6 +159,15 @@ class NearDeduplicator:
                     result[i] = owner
         releases = {s: [(buckets[i][s], keys[i]) for i in idx if result[i] is not None] for s, idx in claimed.items()}
         ray.get([self.shards[s].release.remote(items) for s, items in releases.items() if items])
+        # A document of this batch named as the twin of one that then lost on a later shard
+        # (and gave its buckets back) asks again: the answer is then what it would be with
+        # one shard, so the shard count never changes what is kept.
+        lost = {docs[i]["id"] for i in range(len(docs)) if result[i] is not None}
+        kept = {docs[i]["id"] for i in range(len(docs)) if result[i] is None}
+        again = [i for i in range(len(docs)) if result[i] in lost and result[i] not in kept]
+        if again and len(again) < len(docs):
+            for i, owner in zip(again, self.near_duplicates_of([docs[i] for i in again])):
+                result[i] = owner
         return result
 
     def remember(self, rows: list[dict]) -> None:

@@ -4,7 +4,8 @@ Long pages are often the richest, so instead of dropping them they are cut into 
 of at most ``max_chars``: at paragraph breaks first, inside an over-long paragraph at
 sentence ends, and inside an over-long sentence at spaces (a run of text with no space
 at all is cut hard). Segments are packed to an even size (the document's length over the
-number of segments it needs), so the last one is not a short leftover.
+number of segments it needs), so the last one is rarely a short leftover (one under
+``min_chars`` is dropped as ``too_short`` by the length check, like any short document).
 """
 
 from __future__ import annotations

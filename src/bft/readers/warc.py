@@ -5,8 +5,10 @@ Records are parsed by FastWARC and HTML is turned into its main text by Resilipa
 
 - ``response`` records with HTTP status 200 and an HTML content type become documents:
   url from ``WARC-Target-URI``, id from ``WARC-Record-ID``; the page's main text is
-  extracted (navigation, footers and scripts left out). Pages whose text cannot be
-  extracted are dropped (``extraction_failed`` / ``empty_text``), so they are counted;
+  extracted (navigation, footers and scripts left out). Pages whose body cannot be decoded
+  (a ``Content-Encoding`` it does not have) or whose text cannot be extracted are dropped
+  (``decode_failed`` / ``extraction_failed`` / ``empty_text``), so they are counted, and the
+  rest of the file is read on;
 - ``conversion`` records (WET files) are text already and are read as it;
 - every other record (``warcinfo``, ``request``, ``metadata``, non-200 responses, images,
   PDFs, ...) is no document: it is skipped and counted in the file's read record
@@ -74,6 +76,49 @@ def _record_id(record: Any) -> str | None:
     return value.strip("<>") if value else None
 
 
+def _dechunk(data: bytes) -> bytes:
+    """A ``Transfer-Encoding: chunked`` body, joined (a body cut short keeps what it has)."""
+    out, at = [], 0
+    while at < len(data):
+        end = data.find(b"\r\n", at)
+        if end < 0:
+            break
+        size = int(data[at:end].split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            break
+        out.append(data[end + 2:end + 2 + size])
+        at = end + 2 + size + 2
+    return b"".join(out)
+
+
+def http_body(data: bytes, headers: Any) -> bytes:
+    """The page's bytes, with its transfer and content encodings undone, in this task, one
+    record at a time: FastWARC's own decoding (``auto_decode``) leaves the stream unreadable
+    after one body that lies about its encoding, which would cost the rest of the file.
+    Decompressed output is bounded by ``MAX_HTML_BYTES`` (a compressed bomb stops there)."""
+    if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
+        data = _dechunk(data)
+    encoding = (headers.get("Content-Encoding") or "").strip().lower()
+    if encoding in ("", "identity", "none"):
+        return data
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        # gzip header, zlib header or raw deflate (servers mean any of them by "deflate")
+        for wbits in ((16 + 15,) if "gzip" in encoding else (15, -15)):
+            try:
+                return zlib.decompressobj(wbits).decompress(data, MAX_HTML_BYTES)
+            except zlib.error:
+                if wbits == -15 or "gzip" in encoding:
+                    raise
+    if encoding == "br":
+        import brotli
+
+        try:
+            return brotli.Decompressor().process(data, output_buffer_limit=MAX_HTML_BYTES)[:MAX_HTML_BYTES]
+        except brotli.error as exc:
+            raise ValueError(f"brotli: {exc}") from exc
+    raise ValueError(f"unknown Content-Encoding {encoding!r}")
+
+
 def html_text(payload: bytes, charset: str | None) -> str:
     """The main text of an HTML page."""
     from resiliparse.extract.html2text import extract_plain_text
@@ -101,7 +146,12 @@ def _document(record: Any, uri: str, position: int) -> dict[str, Any] | Rejected
     content_type = (record.http_content_type or "").lower()
     if content_type not in HTML_TYPES:
         return SkippedRecord("not_html")
-    payload = record.reader.read(MAX_HTML_BYTES)
+    try:
+        payload = http_body(record.reader.read(MAX_HTML_BYTES), record.http_headers)
+    except (ValueError, OSError, zlib.error, EOFError) as exc:
+        return RejectedLine(ColumnMapping.drop(uri, position, "decode_failed",
+                                               f"the HTTP body of {url} cannot be decoded: {type(exc).__name__}: {exc}",
+                                               doc_id, url))
     try:
         text = html_text(payload, record.http_charset)
     except Exception as exc:  # noqa: BLE001 - a page the parser cannot take costs that page only
@@ -118,7 +168,7 @@ def iter_warc_records(storage: Storage, uri: str) -> Iterator[tuple[int, Any]]:
     with storage.open(uri, "rb") as raw:
         stream = _EndAtDamage(gzip.GzipFile(fileobj=raw) if uri.lower().endswith(".gz") else raw)
         records = ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=True,
-                                  auto_decode="all", stream_detect=False, fsspec_args=False)
+                                  auto_decode="none", stream_detect=False, fsspec_args=False)
         # Each record is passed on once the next one has been parsed: the last record
         # before damage may be cut short, and is then left to the unreadable rest.
         held: tuple[int, Any] | None = None

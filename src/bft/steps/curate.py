@@ -31,15 +31,33 @@ class Config(StageConfig):
     threshold: int = Field(default=5, ge=1, le=5)
     """Keep pairs scored at or above this (5-point rubric)."""
 
-# The forms judges write: "Score: 4", "**Score:** 4", "score = 4/5", "Score: 4.0",
-# "Final score: **4**", "Rating: 4 out of 5", "I would rate this 4 out of 5". The rubric
-# asks for the score last, so the last match is the verdict (models sometimes restate an
-# early guess before concluding). A scale ("/10", "out of 10") other than 5 is refused.
-_NUMBER = r"\**\s*(?P<value>-?\d+(?:\.\d+)?)\s*\**\s*(?:(?:/|out\s+of)\s*(?P<scale>\d+))?"
-SCORE_RE = re.compile(r"(?:score|rating)\s*\**\s*(?:[:=：]|\bis\b|\bof\b)\s*" + _NUMBER, re.IGNORECASE)
-RATE_RE = re.compile(r"\brate\s+(?:it|this|the\s+\w+)?\s*(?:an?\s+|as\s+)?" + _NUMBER, re.IGNORECASE)
-# A reply whose last line is the number alone ("4", "**4**", "4/5").
-BARE_SCORE_RE = re.compile(r"(?:^|\n)\s*" + _NUMBER + r"\s*\.?\s*$")
+# The forms judges write. A verdict at the start of a line wins, the last one (the rubric
+# asks for it last; models sometimes restate an early guess before concluding): "Score: 4",
+# "**Score:** 4", "Final score: **4**", "Rating: 4 out of 5", "The score is: 4", "Score: [4]".
+# Only a reply with no such line is read for a verdict inside a sentence ("... a score of
+# 4", "I would rate this 4 out of 5"), and only one with neither for a last line holding the
+# number alone ("4", "**4**"). Numbers after a verdict line (a perfect score is 5/5, a
+# quoted page) never override it. A scale other than 5 ("8/10") is refused.
+_NUMBER = (r"[\[(]?\s*\**\s*(?P<value>-?\d+(?:\.\d+)?)\s*\**\s*[\])]?\s*"
+           r"(?:(?:/|out\s+of)\s*(?P<scale>\d+))?")
+VERDICT_LINE_RE = re.compile(r"^[\s>*#_-]*(?:the\s+)?(?:final\s+|overall\s+)?(?:score|rating)\s*\**\s*"
+                             r"(?:[:=：]|\bis\b\s*:?|\bof\b)\s*" + _NUMBER, re.IGNORECASE | re.MULTILINE)
+INLINE_VERDICT_RES = (
+    re.compile(r"\b(?:score|rating)\s*(?:[:=：]|\bis\b\s*:?|\bof\b)\s*" + _NUMBER, re.IGNORECASE),
+    re.compile(r"\brate\s+(?:it|this|the\s+\w+)\s+(?:an?\s+|as\s+)?" + _NUMBER, re.IGNORECASE),
+)
+BARE_SCORE_RE = re.compile(r"(?:^|\n)[ \t]*\**[ \t]*(?P<value>\d+)[ \t]*\**[ \t]*(?:/[ \t]*(?P<scale>\d+))?[ \t]*$")
+
+
+def find_verdict(text: str) -> re.Match[str] | None:
+    """The match holding the verdict (groups ``value`` and ``scale``), or ``None``."""
+    lines = list(VERDICT_LINE_RE.finditer(text))
+    if lines:
+        return lines[-1]
+    inline = [m for pattern in INLINE_VERDICT_RES for m in pattern.finditer(text)]
+    if inline:
+        return max(inline, key=lambda m: m.start())
+    return BARE_SCORE_RE.search(text)
 
 
 def prompt_values(row: dict[str, Any]) -> dict[str, str]:
@@ -51,8 +69,7 @@ def parse_score(raw: str) -> tuple[int, str] | Drop:
     text = (raw or "").strip()
     if not text:
         return Drop("unparseable_score", "empty rating")
-    matches = [*SCORE_RE.finditer(text), *RATE_RE.finditer(text)]
-    last = max(matches, key=lambda m: m.start()) if matches else BARE_SCORE_RE.search(text)
+    last = find_verdict(text)
     if last is None:
         return Drop("unparseable_score", "no 'Score: N' in the rating")
     value, scale = float(last.group("value")), last.group("scale")

@@ -52,10 +52,22 @@ def tag_blocks(text: str) -> list[str]:
     return blocks
 
 
-def extract_response(raw: str) -> str | Drop:
-    """The longest complete ``[RES]...[/RES]`` block: models that echo the instruction
-    ("I'll put it between [RES] and [/RES]") or restate the tags around their answer write
-    short blocks besides the real one, never a longer one."""
+def _folded(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _copied(block: str, document_blocks: list[str]) -> bool:
+    """Whether ``block`` is (a part of) a tag block the document holds: case and spacing
+    aside, the same text or a stretch of 20+ characters of it."""
+    folded = _folded(block)
+    return bool(folded) and any(folded == d or (len(folded) >= 20 and folded in d) for d in document_blocks)
+
+
+def extract_response(raw: str, document: str = "") -> str | Drop:
+    """The longest complete ``[RES]...[/RES]`` block that the document does not hold
+    itself: models that echo the instruction ("I'll put it between [RES] and [/RES]") or
+    restate the tags around their answer write short blocks besides the real one; a page
+    with its own tag block could otherwise win by being longer."""
     text = raw or ""
     if not text.strip():
         return Drop("empty_output", "the model returned nothing")
@@ -65,24 +77,22 @@ def extract_response(raw: str) -> str | Drop:
     if not blocks:
         # Usually a reply cut off by max_tokens: keeping it would keep a truncated answer.
         return Drop("missing_end_tag", "no [/RES] after [RES] (output truncated?)")
-    response = max(blocks, key=len)
+    # Web text is untrusted: a page holding its own [RES]...[/RES] must not write the answer.
+    in_document = [_folded(b) for b in tag_blocks(document)] if document else []
+    own = [b for b in blocks if not _copied(b, in_document)]
+    if not own:
+        return Drop("copied_tag_block", "the response is a [RES]...[/RES] block copied from the document itself")
+    response = max(own, key=len)
     if not response:
         return Drop("empty_response", "nothing between [RES] and [/RES]")
     return response
 
 
-def _folded(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def parse(raw: str, cfg: Config, row: dict[str, Any] | None = None) -> dict[str, Any] | Drop:
-    response = extract_response(raw)
+    response = extract_response(raw, (row or {}).get("text") or "")
     if isinstance(response, Drop):
         return response
     if len(response) < cfg.min_response_chars:
         return Drop("response_too_short",
                     f"{len(response)} characters < rewrite.min_response_chars {cfg.min_response_chars}")
-    # Web text is untrusted: a page holding its own [RES]...[/RES] must not choose the answer.
-    if row is not None and _folded(response) in {_folded(b) for b in tag_blocks(row.get("text") or "")}:
-        return Drop("copied_tag_block", "the response is a [RES]...[/RES] block copied from the document itself")
     return {"response": response}
