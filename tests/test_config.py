@@ -102,6 +102,23 @@ def test_secrets_are_redacted_in_snapshot():
     assert cfg.storage.fsspec_options()["secret"] == "TOPSECRETVALUE"
 
 
+def test_secrets_in_engine_kwargs_proxies_and_urls_are_redacted():
+    """Issue 17: engine_kwargs.hf_token, *_PWD / *_PASS / *_CONNECTION_STRING names, and
+    user:password@ in URLs (an endpoint, a proxy) were written in the clear."""
+    cfg = load_config(None, MODEL_SET + [
+        "generate.engine_kwargs.hf_token=hf_PLANTEDsecret1", "curate.engine_kwargs.extra={api_key: PLANTED2}",
+        "generate.env_vars.DB_PWD=PLANTED3", "generate.env_vars.SMTP_PASS=PLANTED4",
+        "generate.env_vars.AZURE_CONNECTION_STRING=PLANTED5",
+        "generate.env_vars.HTTPS_PROXY=http://bob:PLANTED6@proxy.internal:3128",
+        "storage.endpoint_url=http://minio:PLANTED7@minio.internal:9000"])
+    snap = cfg.redacted()
+    dumped = json.dumps(snap)
+    assert "PLANTED" not in dumped
+    assert snap["storage"]["endpoint_url"] == "http://**********@minio.internal:9000"  # the host stays readable
+    assert snap["generate"]["env_vars"]["HTTPS_PROXY"] == "http://**********@proxy.internal:3128"
+    assert snap["generate"]["sampling"]["max_tokens"] == cfg.generate.sampling.max_tokens  # typed fields kept
+
+
 def test_secret_looking_engine_env_vars_are_redacted():
     cfg = load_config(None, MODEL_SET + ["generate.env_vars={HF_TOKEN: hf_abc123, VLLM_CPU_KVCACHE_SPACE: '1'}",
                                          "rewrite.env_vars={WANDB_API_KEY: k9, AWS_SECRET_ACCESS_KEY: s3}"])

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from bft.config import BftConfig
 from bft.engines import layout
 from bft.engines.adapters import resolve_adapters
+from bft.engines.vllm_engine import check_platform_support
 from bft.filters.language import check_languages
 from bft.filters.token_length import token_budgets
 from bft.graph import RunFailed, run_dataset
@@ -51,6 +52,7 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
 
     # Everything that can fail cheaply fails here, before Ray or any model starts.
     check_languages(cfg.filters)
+    check_platform_support(cfg, LLM_STAGES)
     storage.check_writable(cfg.output.uri)
     # What else the rows depend on, checked like the config when the run is resumed.
     inputs_sha256 = {**({"seed pairs": seeds.sha256} if seeds else {}),

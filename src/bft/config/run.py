@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from bft.config.models import (REDACTED, SECRET_NAME_RE, EngineConfig, FilterConfig, InputConfig,
+from bft.config.models import (EngineConfig, redact_value, FilterConfig, InputConfig,
                                LLMStageConfig, OutputConfig, RayConfig, ReportConfig, SeedConfig, StorageConfig,
                                TrainConfig, _Strict)
 from bft.stages import LLM_STAGES, STEPS
@@ -140,15 +140,11 @@ class _RunSettings(_Strict):
 
     def redacted(self) -> dict[str, Any]:
         """JSON-able snapshot with every secret replaced by ``'**********'``: the
-        ``storage`` credentials, and engine environment variables whose names suggest a
-        secret (``HF_TOKEN``, ``*_SECRET*``, ``*_KEY``, ``*PASSWORD*``)."""
-        snapshot = self.model_dump(mode="json")
-        for name in LLM_STAGES:
-            env = snapshot[name]["env_vars"]
-            for key in env:
-                if SECRET_NAME_RE.search(key):
-                    env[key] = REDACTED
-        return snapshot
+        ``storage`` credentials, any value of ``env_vars`` or ``engine_kwargs`` (at any
+        depth) whose name suggests a secret (``HF_TOKEN``, ``hf_token``, ``*_SECRET*``, ``*_KEY``,
+        ``*PASSWORD*``, ``*_PASS``, ``*_PWD``, ``*_CONNECTION_STRING``), and the
+        ``user:password@`` part of any URL (an ``endpoint_url`` or a proxy with credentials)."""
+        return redact_value("", self.model_dump(mode="json"))
 
 
 def _stage_field(step: Any) -> tuple[type, Any]:

