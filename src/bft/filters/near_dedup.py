@@ -77,6 +77,10 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[bytes]:
             for band in range(bands)]
 
 
+def exact_jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
 def similar_pairs(shingle_sets: list[set[str]], threshold: float, num_perm: int = 64, seed: int = 1,
                   jaccard: Callable[[set, set], float] | None = None) -> list[tuple[float, int, int]]:
     """``(similarity, i, j)`` for every pair whose exact Jaccard reaches ``threshold``,
@@ -89,8 +93,7 @@ def similar_pairs(shingle_sets: list[set[str]], threshold: float, num_perm: int 
                 buckets[key].append(i)
     candidates = {(x, y) for members in buckets.values() if len(members) > 1
                   for k, x in enumerate(members) for y in members[k + 1:]}
-    measure = jaccard or (lambda a, b: len(a & b) / len(a | b))
-    pairs = [(measure(shingle_sets[x], shingle_sets[y]), x, y) for x, y in candidates]
+    pairs = [((jaccard or exact_jaccard)(shingle_sets[x], shingle_sets[y]), x, y) for x, y in candidates]
     return sorted((p for p in pairs if p[0] >= threshold), key=lambda p: (-p[0], p[1], p[2]))
 
 

@@ -51,16 +51,12 @@ def _shingles(text: str) -> set[str]:
     return {normalized[i:i + 5] for i in range(max(1, len(normalized) - 4))} if normalized else set()
 
 
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a or b else 0.0
-
-
 def near_duplicates(texts: list[str], threshold: float, seed: int = 0, num_perm: int = 64,
                     examples: int = 5) -> dict[str, Any]:
     """Pairs whose character 5-gram Jaccard similarity reaches ``threshold``: MinHash LSH
     candidates (the code of the near-duplicate filter, ``bft.filters.near_dedup``), each
     checked exactly, so the figure counts true pairs only."""
-    pairs = similar_pairs([_shingles(t) for t in texts], threshold, num_perm, seed + 1, jaccard)
+    pairs = similar_pairs([_shingles(t) for t in texts], threshold, num_perm, seed + 1)
     involved = {i for _, x, y in pairs for i in (x, y)}
     return {
         "n": len(texts),

@@ -28,7 +28,6 @@ from bft.steps.read import unfinished
 def filter_documents(batch: pa.Table, ctx: RunContext) -> pa.Table:
     started = time.time()
     cfg = ctx.config.filters
-    kept: list[dict] = []
     dropped: list[dict] = []
 
     def drop(row: dict, why: Drop) -> None:
@@ -84,7 +83,6 @@ def filter_documents(batch: pa.Table, ctx: RunContext) -> pa.Table:
                 drop(row, Drop("near_duplicate", f"near-duplicate of document {owner} (MinHash LSH, "
                                                  f"filters.near_dedup.threshold {cfg.near_dedup.threshold})"))
         passed = unique
-    kept = passed
 
-    ctx.writer.write("filter", kept, dropped, started)
-    return to_table(kept, FILTERED_COLUMNS)
+    ctx.writer.write("filter", passed, dropped, started)
+    return to_table(passed, FILTERED_COLUMNS)
