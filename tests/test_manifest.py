@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from bft.config import StorageConfig
 from bft.steps.read import stats_uri
 from bft.storage import Storage
-from bft.writers.manifest import build_manifest
+from bft.writers.manifest import batch_failures, build_manifest
 from bft.writers.parquet import StageWriter
 
 STORAGE = Storage(StorageConfig())
@@ -122,3 +122,62 @@ def test_a_batch_run_again_with_another_split_replaces_both_its_files(tmp_path):
     writer.write("generate", rows, [], 2.0, replace=True)  # the rerun keeps all three
     kept = pq.read_table(run_uri / "generated").column("id").to_pylist()
     assert sorted(kept) == ["d0", "d1", "d2"] and not list((run_uri / "dropped").glob("generate-*"))
+
+
+def test_rows_with_the_same_ids_and_texts_from_two_sources_are_both_kept_once(tmp_path):
+    """Issue 17: files were named from (stage, id, text), so the second batch overwrote the first."""
+    run_uri = str(tmp_path / "run")
+    writer = StageWriter(STORAGE, run_uri)
+    first = [doc(i, n_chars=6, n_tokens=2) for i in range(3)]
+    second = [dict(row, source="other-shard.jsonl") for row in first]  # same ids, same texts
+    writer.write("filter", first, [], 1.0)
+    writer.write("filter", second, [], 1.0)
+    kept = pq.read_table(tmp_path / "run" / "filtered").to_pylist()
+    assert sorted((r["source"], r["id"]) for r in kept) == sorted(
+        (r["source"], r["id"]) for r in first + second)
+
+
+def test_a_filter_batch_run_again_with_another_split_leaves_each_row_once(tmp_path):
+    run_uri = tmp_path / "run"
+    writer = StageWriter(STORAGE, str(run_uri))
+    rows = [doc(i, n_chars=6, n_tokens=2) for i in range(4)]
+    writer.write("filter", rows[:3], [dict(rows[3], reason="near_duplicate", detail="x")], 1.0)
+    # re-executed (lineage after a node loss): its near-duplicate now kept, another one dropped
+    writer.write("filter", [rows[0], rows[1], rows[3]], [dict(rows[2], reason="duplicate", detail="x")], 2.0)
+    kept = pq.read_table(run_uri / "filtered").column("id").to_pylist()
+    dropped = pq.read_table(run_uri / "dropped").column("id").to_pylist()
+    assert sorted(kept + dropped) == ["d0", "d1", "d2", "d3"] and dropped == ["d2"]
+    # and again with nothing dropped: the earlier drop file goes too
+    writer.write("filter", rows, [], 3.0)
+    assert sorted(pq.read_table(run_uri / "filtered").column("id").to_pylist()) == ["d0", "d1", "d2", "d3"]
+    assert not list((run_uri / "dropped").glob("*.parquet"))
+
+
+def test_a_stage_losing_more_than_the_failed_share_fails_the_run():
+    def stages(lost: int, of: int) -> dict:
+        return {"generate": {"in": of, "dropped_by_reason": {"batch_failed": lost} if lost else {}}}
+
+    assert batch_failures(stages(0, 100), 0.1, None)["failed"] == []
+    assert batch_failures(stages(10, 100), 0.1, None)["failed"] == []  # at the share: tolerated
+    assert batch_failures(stages(11, 100), 0.1, "E: x")["failed"] == ["generate"]
+    assert batch_failures(stages(5, 5), 1.0, None)["failed"] == ["generate"]  # every row lost fails always
+    assert batch_failures(stages(11, 100), 0.1, "E: x")["stages"]["generate"] == {"rows": 11, "of": 100,
+                                                                                    "share": 0.11}
+
+
+def test_the_error_shown_for_a_failed_batch_is_the_innermost_one(tmp_path):
+    from bft.engines.vllm_engine import EngineStopped
+    from bft.writers.failures import error_line, first_error, read_failures, record_failure
+
+    try:
+        try:
+            raise RuntimeError("CPU Generator does not use offset\nmore detail")
+        except RuntimeError as inner:
+            raise EngineStopped(f"the engine stopped: {inner!r}") from inner
+    except EngineStopped as exc:
+        assert error_line(exc) == "RuntimeError: CPU Generator does not use offset"
+    run_uri = str(tmp_path / "run")
+    record_failure(STORAGE, run_uri, "MapBatches(SharedEngine)", "ActorDiedError: The actor died", "ray")
+    record_failure(STORAGE, run_uri, "generate", "RuntimeError: boom", "engine")
+    # the engine's own line wins over Ray's account of the replica dying
+    assert first_error(read_failures(STORAGE, run_uri)) == "RuntimeError: boom"

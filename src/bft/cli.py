@@ -23,6 +23,12 @@ def _summary(manifest: dict[str, Any]) -> str:
     if skipped := manifest["stages"].get("read", {}).get("records_skipped"):
         notes.append(f"{sum(skipped.values())} WARC records that are no document skipped "
                      f"({', '.join(f'{k}={v}' for k, v in skipped.items())})")
+    failures = manifest.get("batch_failures") or {}
+    for stage, lost in failures.get("stages", {}).items():
+        notes.append(f"failed batches: {stage} lost {lost['rows']} of {lost['of']} row(s) "
+                     f"({lost['share']:.0%}; ray.max_failed_share={failures['max_failed_share']})")
+    if failures.get("stages"):
+        notes.append(f"first error: {failures.get('first_error') or 'none recorded (see the Ray logs)'}")
     lines += notes
     status = "yes" if manifest["reconciled"] else "NO: " + "; ".join(manifest["reconciliation_problems"])
     lines.append(f"counts reconcile: {status}")
@@ -81,9 +87,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     folders = " ".join(f"{folder}/" for folder in [*FOLDERS.values(), DROPPED_DIR])
     print(f"outputs:  {result.run_uri}/  ({folders})")
     print(f"final dataset: {result.run_uri}/sft/")
-    if args.report and (status := _report_after_run(cfg.storage, result.run_uri, cfg.report)):
+    failed = (manifest.get("batch_failures") or {}).get("failed")
+    if not failed and args.report and (status := _report_after_run(cfg.storage, result.run_uri, cfg.report)):
         return status
     print(f"manifest: {result.manifest_uri}")
+    if failed:
+        failures = manifest["batch_failures"]
+        print(f"bft: error: run {result.run_id} failed: batches that failed every retry cost "
+              f"{', '.join(failed)} more than ray.max_failed_share={failures['max_failed_share']} of "
+              f"its rows (first error: {failures['first_error'] or 'none recorded'})"
+              f"{f'; date {cfg.date} is not marked complete' if cfg.date else ''}. The same command "
+              f"again retries those rows (a changed config needs a new --run-id).", file=sys.stderr)
+        return 1
     return 0 if manifest["reconciled"] else 3
 
 

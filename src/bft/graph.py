@@ -27,6 +27,7 @@ from bft.steps.filter import filter_documents
 from bft.steps.read import read_files, read_stage_outputs
 from bft.steps.sft import build_sft
 from bft.storage import Storage, join
+from bft.writers.failures import RayDataFailures, first_error, read_failures
 from bft.writers.parquet import parquet_files
 
 
@@ -125,11 +126,14 @@ def run_dataset(cfg: BftConfig, plan: WorkPlan, storage: Storage, run_uri: str,
     # -------------------------------------------------------------------------------
 
     try:
-        for _ in ds.iter_batches(batch_size=None):
-            pass  # outputs are written by the steps; draining the stream drives the run
+        with RayDataFailures(storage, run_uri):  # each batch Ray Data gives up on, with its error
+            for _ in ds.iter_batches(batch_size=None):
+                pass  # outputs are written by the steps; draining the stream drives the run
     except Exception as exc:
+        engine = first_error(read_failures(storage, run_uri))
         raise RunFailed(
-            f"run {run_uri} stopped: {_last_line(exc)}. A batch that fails every retry "
+            f"run {run_uri} stopped: {_last_line(exc)}"
+            f"{f' (first error of a failed batch: {engine})' if engine else ''}. A batch that fails every retry "
             f"(ray.engine_batch_retries={cfg.ray.engine_batch_retries}) is tolerated up to "
             f"ray.max_failed_batches={cfg.ray.max_failed_batches} times per run; one more, or a "
             f"failure outside the engines, stops the run. Everything written so far is kept: run "

@@ -25,7 +25,8 @@ from bft.seed import load_seed
 from bft.stages import FOLDERS, JOINABLE, LLM_STAGES, RESTARTABLE
 from bft.steps.sft import write_seed_pairs
 from bft.storage import Storage, join
-from bft.writers.manifest import build_manifest, write_manifest
+from bft.writers.failures import first_error, read_failures
+from bft.writers.manifest import batch_failures, build_manifest, write_manifest
 from bft.writers.parquet import StageWriter
 
 log = logging.getLogger("bft")
@@ -97,8 +98,10 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         # Data gave up on; record their rows, then count again.
         if not manifest["reconciled"] and sweep_failed_batches(storage, run_uri, cfg):
             manifest = manifest_now()
+    manifest["batch_failures"] = batch_failures(manifest["stages"], cfg.ray.max_failed_share,
+                                                first_error(read_failures(storage, run_uri)))
     manifest_uri = write_manifest(storage, run_uri, manifest)
-    if cfg.date is not None and manifest["reconciled"]:
+    if cfg.date is not None and manifest["reconciled"] and not manifest["batch_failures"]["failed"]:
         # Consumers read the date's final dataset through this marker, so a forced
         # re-run replaces the old one instead of adding rows next to it.
         storage.write_bytes(completed_marker(cfg), json.dumps(
@@ -114,6 +117,7 @@ def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> int:
     finished by the next can then only belong to a batch that failed every retry."""
     writer = StageWriter(storage, run_uri)
     state = scan_run(storage, run_uri)
+    error = first_error(read_failures(storage, run_uri))
     total = 0
     for stage in JOINABLE:  # every stage after filter
         lost = []
@@ -125,10 +129,11 @@ def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> int:
         if lost:
             log.warning("%s: %d row(s) were in batches that failed every retry; dropped as batch_failed",
                         stage, len(lost))
+            cause = f": {error}" if error else "; no error was recorded (the Ray logs of the run have it)"
             detail = (f"its batch failed at {stage} on every attempt (ray.engine_batch_retries="
-                      f"{cfg.ray.engine_batch_retries}); the cause is in the Ray logs of the run")
-            writer.write(stage, [], [{**row, "reason": "batch_failed", "detail": detail} for row in lost],
-                         time.time())
+                      f"{cfg.ray.engine_batch_retries}){cause}")
+            writer.write_failed(stage, [{**row, "reason": "batch_failed", "detail": detail} for row in lost],
+                                time.time())
             total += len(lost)
             state = scan_run(storage, run_uri)  # so the next stage does not count them as lost
     return total

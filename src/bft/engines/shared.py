@@ -32,6 +32,7 @@ from bft.engines.vllm_engine import fatal_errors, generate, replica_resources, s
 from bft.schema import to_table
 from bft.stages import COLUMNS, PREVIOUS
 from bft.steps.llm import EngineReply
+from bft.writers.failures import error_line, record_failure
 
 # The pass a row starts at, on its way into the pool.
 ENTRY_COLUMN = "__entry"
@@ -91,6 +92,8 @@ class SharedEngine:
             # lives: retries of its batches would come back here. Exiting lets Ray Data start a fresh replica
             # and retry them there (a system error, so the retry counts).
             log.error("engine died (%s); exiting so the replica is replaced", exc)
+            # The process goes, and with it the error: Ray only sees "the actor died".
+            record_failure(self.writer.storage, self.writer.run_uri, stage, error_line(exc), "engine")
             os._exit(1)
 
     async def write(self, stage: str, kept: list[dict], dropped: list[dict], started: float, replace: bool) -> None:

@@ -245,6 +245,22 @@ def build_manifest(storage: Storage, run_uri: str, *, run_id: str, config: dict[
     }
 
 
+def batch_failures(stages: dict[str, dict[str, Any]], max_share: float, error: str | None) -> dict[str, Any]:
+    """Rows each stage lost to batches that failed every retry, and whether that fails the
+    run: more than ``max_share`` of a stage's input (``ray.max_failed_share``), or all of it."""
+    lost = {}
+    failed = []
+    for stage, entry in stages.items():
+        n = entry["dropped_by_reason"].get("batch_failed", 0)
+        if not n:
+            continue
+        share = n / entry["in"] if entry["in"] else 1.0
+        lost[stage] = {"rows": n, "of": entry["in"], "share": round(share, 4)}
+        if share > max_share or n == entry["in"]:
+            failed.append(stage)
+    return {"stages": lost, "failed": failed, "max_failed_share": max_share, "first_error": error}
+
+
 def write_manifest(storage: Storage, run_uri: str, manifest: dict[str, Any]) -> str:
     uri = join(run_uri, MANIFEST_NAME)
     storage.write_bytes(uri, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())

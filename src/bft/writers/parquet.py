@@ -27,6 +27,8 @@ FINISHED_KEY = b"bft.finished_at"
 DROPPED_DIR = "dropped"
 # The seed pairs of the final dataset (output.seed_mix), next to its web-derived files.
 SEED_PAIRS_FILE = "seed-pairs.parquet"
+# In the names of drop files of failed batches' rows: ``dropped/<stage>-failed-<digest>.parquet``.
+FAILED_TAG = "-failed-"
 
 
 def parquet_files(storage: Storage, folder: str) -> list[str]:
@@ -45,6 +47,12 @@ def dropped_files(storage: Storage, run_uri: str, stage: str) -> list[str]:
     and is named after it (:meth:`StageWriter.dropped_uri`), so no other file is read."""
     prefix = f"{stage}-"
     return [f for f in parquet_files(storage, join(run_uri, DROPPED_DIR)) if f.rsplit("/", 1)[-1].startswith(prefix)]
+
+
+def failed_batch_files(storage: Storage, run_uri: str) -> list[str]:
+    """The drop files of rows whose batches failed every retry (:meth:`StageWriter.write_failed`):
+    the only ones a resume removes, so that those rows are tried again."""
+    return [f for f in parquet_files(storage, join(run_uri, DROPPED_DIR)) if FAILED_TAG in f.rsplit("/", 1)[-1]]
 
 
 def batch_name(stage: str, rows: list[dict]) -> str:
@@ -83,9 +91,11 @@ class StageWriter:
         return join(self.run_uri, DROPPED_DIR, f"{stage}-{name}.parquet")
 
     def write(self, stage: str, kept: list[dict], dropped: list[dict], started_at: float,
-              replace: bool = False) -> None:
-        """Write a finished batch of ``stage``; an empty side writes nothing, or, with
-        ``replace``, removes that side's file from an earlier run of the batch."""
+              replace: bool = True) -> None:
+        """Write a finished batch of ``stage``. An empty side writes nothing and removes
+        that side's file from an earlier run of the batch (which may have split its rows
+        otherwise: sampling, near-dedup claims); ``replace=False`` skips that look, for a
+        batch known to run for the first time."""
         name = batch_name(stage, kept + dropped)
         if dropped:
             dropped = [{**row, "stage": stage} for row in dropped]
@@ -94,8 +104,16 @@ class StageWriter:
             self.storage.remove([self.dropped_uri(stage, name)], missing_ok=True)
         if kept:
             self._write(self.kept_uri(stage, name), to_table(kept, COLUMNS[stage]), started_at)
-        elif replace:
+        elif replace and stage in FOLDERS:  # read keeps no rows of its own
             self.storage.remove([self.kept_uri(stage, name)], missing_ok=True)
+
+    def write_failed(self, stage: str, dropped: list[dict], started_at: float) -> None:
+        """Drops of rows whose batches failed every retry, in a file of their own (see
+        :func:`failed_batch_files`)."""
+        name = batch_name(stage, dropped)
+        rows = [{**row, "stage": stage} for row in dropped]
+        self._write(join(self.run_uri, DROPPED_DIR, f"{stage}{FAILED_TAG}{name}.parquet"),
+                    to_table(rows, DROPPED_COLUMNS), started_at)
 
     def write_seed_pairs(self, rows: list[dict]) -> None:
         """The seed pairs of the final dataset (``output.seed_mix``): one file, rewritten
