@@ -68,8 +68,8 @@ def write_hostile_corpus(folder: Path) -> HostileCorpus:
     bad(b"[" * 200_000 + b"]" * 200_000, "malformed_json")  # nesting deep enough to break a parser
     good("ok-odd-types", url=12345, meta={"nested": [1, 2]})
     good("ok-nul", note="a\u0000b")
-    lines.append(json.dumps({"id": corpus.huge_id, "text": "lorem ipsum dolor " * 600_000}).encode())  # ~10 MB
-    corpus.good_ids.add(corpus.huge_id)  # read fine; the length filter drops it
+    # ~10 MB of text: over input.max_document_chars, dropped at read with a 10,000-character preview
+    bad(json.dumps({"id": corpus.huge_id, "text": "lorem ipsum dolor " * 600_000}).encode(), "too_large")
     good("ok-last")
     path = folder / "a-mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")

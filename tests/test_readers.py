@@ -152,8 +152,9 @@ def test_hostile_corpus_every_bad_row_dropped_with_its_reason(tmp_path):
                     value.encode("utf-8")
         seen_ids |= {d["id"] for d in docs}
     assert corpus.good_ids <= seen_ids
-    huge = next(d for d in read_skip(corpus.files[0])[0] if d["id"] == corpus.huge_id)
-    assert len(huge["text"]) > 10_000_000
+    huge = next(d for d in read_skip(corpus.files[0])[1] if d["id"] == corpus.huge_id)
+    assert huge["reason"] == "too_large" and "input.max_document_chars=2000000" in huge["detail"]
+    assert len(huge["text"]) == 10_000
 
 
 def test_truncated_gzip_keeps_rows_before_the_cut(tmp_path):
@@ -210,3 +211,53 @@ def test_preflight_looks_past_a_damaged_first_file_only_when_skipping(tmp_path, 
         preflight(load_config(str(path), ["input.on_bad_file=fail"]), STORAGE, [str(bad), str(good)])
     with pytest.raises(InputError, match="none of the first 2 input files is readable"):
         preflight(load_config(str(path)), STORAGE, [str(bad), str(bad)])
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_line_over_max_line_bytes_is_dropped_without_being_held_and_the_rest_is_read(tmp_path, gz):
+    """Issue 17: one huge line (or a gzip that inflates to one) was read whole into memory."""
+    from bft.readers import ReadLimits
+    from bft.readers.jsonl import bounded_lines
+
+    path = write_jsonl(tmp_path / ("big.jsonl.gz" if gz else "big.jsonl"),
+                       [{"id": "a", "text": TEXT}, {"id": "big", "text": "z" * 50_000},
+                        {"id": "b", "text": TEXT}, '{"id": "tail", "text": "' + "y" * 9000], gz=gz)
+    limits = ReadLimits(max_line_bytes=4096, max_document_chars=10**6)
+    docs, drops, stats = [], [], None
+    for d, x, stats in read_file(STORAGE, str(path), "auto", ColumnMapping(), 100, "skip", limits):
+        docs, drops = docs + d, drops + x
+    assert [d["id"] for d in docs] == ["a", "b"]
+    assert [(x["source_row"], x["reason"]) for x in drops] == [(2, "too_large"), (4, "too_large")]
+    assert "line of 50026 bytes, over input.max_line_bytes=4096" in drops[0]["detail"]
+    assert len(drops[0]["text"]) <= 4097 and stats.rows_seen == 4
+    # the reader never asks for more than the limit (+1) at once
+    asked = []
+
+    class Spy:
+        def __init__(self, data: bytes):
+            self.stream = __import__("io").BytesIO(data)
+
+        def readline(self, size: int = -1) -> bytes:
+            asked.append(size)
+            return self.stream.readline(size)
+
+    list(bounded_lines(Spy(b"x" * 100_000 + b"\nok\n"), 4096))
+    assert asked and all(0 < size <= 1 << 20 for size in asked)
+
+
+def test_parquet_reads_only_the_mapped_columns(tmp_path, monkeypatch):
+    """Issue 17: every column was read (a crawl's raw HTML next to its text)."""
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"doc_id": ["1", "2"], "body": [TEXT, TEXT], "html": ["<p>x</p>" * 1000] * 2,
+                             "url": ["https://a", "https://b"]}), path)
+    asked = []
+    original = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("columns"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    docs, drops, _ = read_all(path, ColumnMapping(text="body", id="doc_id"))
+    assert asked == [["doc_id", "body", "url"]]
+    assert [(d["id"], d["url"]) for d in docs] == [("1", "https://a"), ("2", "https://b")] and not drops

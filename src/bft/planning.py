@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from bft.config import BftConfig
 from bft.prompts import PromptTemplate, Shot, load_template, same_frames
-from bft.readers import ColumnMapping, InputError, read_file
+from bft.readers import ColumnMapping, InputError, ReadLimits, read_file
 from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
 from bft.seed import SeedSet
 from bft.stages import FINAL, FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
@@ -115,7 +115,8 @@ def preflight(cfg: BftConfig, storage: Storage, files: list[str], tries: int = 3
     errors = []
     for uri in files[:tries if cfg.input.on_bad_file == "skip" else 1]:
         try:
-            for _ in read_file(storage, uri, cfg.input.format, mapping, cfg.input.rows_per_block):
+            for _ in read_file(storage, uri, cfg.input.format, mapping, cfg.input.rows_per_block,
+                               limits=ReadLimits.from_config(cfg.input)):
                 return  # first chunk read: the file opens and has the text column
         except InputError as exc:
             errors.append(exc)

@@ -8,6 +8,7 @@ stages on a small machine, leave the engines waiting for cores.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -19,9 +20,36 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def render_chat(tokenizer_path: str, messages: list[dict[str, str]]) -> str:
-    """Messages to the prompt string the model expects, ending where the assistant speaks."""
+# Put inside a control-token string found in message text, so that it no longer matches
+# the token: invisible to a reader, and the text around it is unchanged.
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+@lru_cache(maxsize=8)
+def _control_tokens(tokenizer_path: str) -> re.Pattern[str] | None:
+    """Every string the tokenizer reads as one added token (specials, chat-role markers)."""
     tokenizer = load_tokenizer(tokenizer_path)
+    names = {t for t in [*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens] if len(t) > 1}
+    return re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True)))) if names else None
+
+
+def defuse_control_tokens(tokenizer_path: str, text: str) -> str:
+    """``text`` with each control-token string broken up, so it stays plain text.
+
+    vLLM tokenizes a text prompt with special tokens parsed: a web page holding an
+    end-of-turn token and an assistant header would otherwise close its user turn and
+    write the start of the model's answer. Only the chat template may write them."""
+    pattern = _control_tokens(tokenizer_path)
+    if pattern is None:
+        return text
+    return pattern.sub(lambda m: m[0][0] + ZERO_WIDTH_SPACE + m[0][1:], text)
+
+
+def render_chat(tokenizer_path: str, messages: list[dict[str, str]]) -> str:
+    """Messages to the prompt string the model expects, ending where the assistant speaks.
+    Control-token strings in the messages' text are defused (:func:`defuse_control_tokens`)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    messages = [{**m, "content": defuse_control_tokens(tokenizer_path, m["content"])} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # Base models without a chat template: plain concatenation of the turns.

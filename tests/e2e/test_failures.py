@@ -119,10 +119,10 @@ def test_hostile_input_every_bad_row_dropped_with_its_reason(s3_corpus, s3_basel
             assert sum(got.values()) == hostile.read_drops[path.name]["*"], path.name
         else:
             assert got == hostile.read_drops[path.name], path.name
-    # the 10 MB document was read whole and dropped by the length filter, text kept
+    # the 10 MB document was dropped at read (input.max_document_chars), a preview of its text kept
     huge = [r for r in files.dropped if r["id"] == hostile.huge_id]
-    assert [(r["stage"], r["reason"]) for r in huge] == [("filter", "too_long")]
-    assert len(huge[0]["text"]) > 10_000_000
+    assert [(r["stage"], r["reason"]) for r in huge] == [("read", "too_large")]
+    assert len(huge[0]["text"]) == 10_000
     # every good document got past the reader
     past_read = {r["id"] for r in files.kept["sft"]} | {r["id"] for r in files.dropped if r["stage"] != "read"}
     assert hostile.good_ids <= past_read

@@ -71,6 +71,16 @@ class InputConfig(_Strict):
     max_files: int | None = Field(default=None, ge=1)
     """Read at most this many files (sorted by name); ``None`` reads all."""
 
+    max_line_bytes: int = Field(default=16 * 2**20, ge=1024)
+    """Longest JSON Lines line read (bytes, after decompression). A longer one is skipped
+    as it streams by, never held whole, and dropped as ``too_large`` (the first 10,000
+    characters kept as its text), so one giant or endless line cannot exhaust a reader's memory."""
+
+    max_document_chars: int = Field(default=2_000_000, ge=1)
+    """Longest document text taken in (characters); a longer one is dropped at read as
+    ``too_large`` (its first 10,000 characters kept). Far above what segmentation keeps
+    (``filters.max_segments`` x ``filters.max_chars``): a guard against page dumps, not a filter."""
+
     on_bad_file: Literal["skip", "fail"] = "skip"
     """A file that cannot be read to its end (truncated gzip, not Parquet, no text column):
     ``skip`` keeps the rows read before the damage, records the rest as one dropped row

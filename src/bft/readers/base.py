@@ -69,6 +69,11 @@ class ColumnMapping:
     def from_config(cls, cfg: InputConfig) -> ColumnMapping:
         return cls(text=cfg.text_column, id=cfg.id_column, url=cfg.url_column)
 
+    def columns_read(self) -> list[str]:
+        """The fields a record's document is made from: text, id and url (or the defaults tried)."""
+        return [self.text, *((self.id,) if self.id else DEFAULT_ID_COLUMNS),
+                *((self.url,) if self.url else DEFAULT_URL_COLUMNS)]
+
     def _first(self, record: dict[str, Any], explicit: str | None, defaults: tuple[str, ...]) -> Any:
         for name in (explicit,) if explicit else defaults:
             value = lookup(record, name)
@@ -106,6 +111,32 @@ class ColumnMapping:
                 "detail": f"{source}, row {position}: {detail}", "text": text}
 
 
+# Text kept in the drop record of a row too large to take in.
+PREVIEW_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """How much of one row a reader takes in (``input.max_line_bytes``, ``input.max_document_chars``)."""
+
+    max_line_bytes: int
+    max_document_chars: int
+
+    @classmethod
+    def from_config(cls, cfg: InputConfig | None = None) -> ReadLimits:
+        cfg = cfg or InputConfig()
+        return cls(cfg.max_line_bytes, cfg.max_document_chars)
+
+    def check_document(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row``, or its ``too_large`` drop record when its text is over the limit."""
+        if "reason" in row or len(row["text"]) <= self.max_document_chars:
+            return row
+        drop = ColumnMapping.drop(row["source"], row["source_row"], "too_large",
+                                  f"text of {len(row['text'])} characters, over input.max_document_chars="
+                                  f"{self.max_document_chars}", row["id"], row["url"], text=row["text"][:PREVIEW_CHARS])
+        return drop
+
+
 @dataclass
 class ReadStats:
     """What one input file held; written next to the outputs so counts reconcile."""
@@ -137,7 +168,8 @@ FILE_ERRORS = (OSError, EOFError, ValueError, zlib.error)
 
 
 def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows_per_block: int,
-              on_bad_file: str = "fail") -> Iterator[tuple[list[dict], list[dict], ReadStats]]:
+              on_bad_file: str = "fail", limits: ReadLimits | None = None,
+              ) -> Iterator[tuple[list[dict], list[dict], ReadStats]]:
     """Yield ``(docs, drops, stats)`` chunks of at most ``rows_per_block`` rows.
 
     ``stats`` is the running per-file tally; the last chunk carries the final one.
@@ -151,10 +183,11 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows
     from bft.readers.parquet import iter_parquet_records
     from bft.readers.warc import SkippedRecord, iter_warc_records
 
+    limits = limits or ReadLimits.from_config()
     if fmt == "auto":
         fmt = detect_format(uri) or ""
     if fmt == "jsonl":
-        records = iter_jsonl_records(storage, uri)
+        records = iter_jsonl_records(storage, uri, limits.max_line_bytes)
     elif fmt == "parquet":
         records = iter_parquet_records(storage, uri, mapping, rows_per_block)
     elif fmt == "warc":
@@ -178,6 +211,7 @@ def read_file(storage: Storage, uri: str, fmt: str, mapping: ColumnMapping, rows
             else:
                 row = mapping.to_doc(record, uri, position)
                 saw_text_column = saw_text_column or row.get("reason") != "missing_text"
+                row = limits.check_document(row)
             stats.count(row)
             (drops if "reason" in row else docs).append(row)
             if len(docs) + len(drops) >= rows_per_block:

@@ -21,8 +21,11 @@ def iter_parquet_records(storage: Storage, uri: str, mapping: ColumnMapping,
             raise InputError(
                 f"{uri}: text column '{mapping.text}' not found (columns: {', '.join(names)}); "
                 f"set input.text_column")
+        # Only the mapped columns (and the default id/url ones present): a crawl's HTML or
+        # embeddings column is never read.
+        wanted = {name.split(".")[0] for name in mapping.columns_read()}
         number = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows):
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=[n for n in names if n in wanted]):
             for record in batch.to_pylist():
                 number += 1
                 yield number, record

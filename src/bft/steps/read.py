@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bft.context import RunContext
-from bft.readers import ColumnMapping, read_file
+from bft.readers import ColumnMapping, ReadLimits, read_file
 from bft.schema import DOC_COLUMNS, to_table
 from bft.storage import Storage, join
 
@@ -54,7 +54,7 @@ def read_files(batch: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
         stats = None
         skipped = 0
         for docs, drops, stats in read_file(ctx.storage, uri, cfg.format, mapping, cfg.rows_per_block,
-                                            cfg.on_bad_file):
+                                            cfg.on_bad_file, ReadLimits.from_config(cfg)):
             new_drops, new_docs = unfinished(drops, "read", finished), unfinished(docs, "filter", finished)
             skipped += len(docs) + len(drops) - len(new_docs) - len(new_drops)
             writer.write("read", [], new_drops, started)
