@@ -43,12 +43,13 @@ def _summary(manifest: dict[str, Any]) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that explain themselves: printed as one line, exit status 2."""
     from bft.config import ConfigError
+    from bft.lease import LeaseHeld
     from bft.prompts import TemplateError
     from bft.readers import InputError
     from bft.report.run_data import ReportError
     from bft.storage import StorageError
 
-    return ConfigError, TemplateError, InputError, StorageError, ReportError
+    return ConfigError, TemplateError, InputError, StorageError, ReportError, LeaseHeld
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -67,8 +68,11 @@ def _root_cause(exc: BaseException) -> BaseException:
 def cmd_run(args: argparse.Namespace) -> int:
     from bft.config import load_config
     from bft.pipeline import run_pipeline
+    from bft.redaction import learn, secret_sets
 
-    cfg = load_config(args.config, args.set + ([f"date={args.date}"] if args.date else []))
+    # secret_sets: what `bft submit` kept off the command line (see redaction.py)
+    cfg = load_config(args.config, args.set + secret_sets() + ([f"date={args.date}"] if args.date else []))
+    learn(cfg)
     result = run_pipeline(cfg, args.run_id, from_stage=args.from_stage, from_run=args.from_run,
                           force=args.force)
     manifest = result.manifest
@@ -155,13 +159,17 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from bft.config import load_config
+    from bft.redaction import is_secret_override, learn
     from bft.submit import run_command, runtime_env, submit
 
     if "://" not in args.config:
-        load_config(args.config, args.set)  # fail here, not on the cluster, on a bad config
+        learn(load_config(args.config, args.set))  # fail here, not on the cluster, on a bad config
     working_dir = None if args.no_working_dir else args.working_dir
-    command = run_command(args.config, args.run_id, args.set, args.date, args.from_stage, args.from_run)
-    job_id = submit(args.address, command, runtime_env(working_dir, not args.no_ship_package),
+    # Secrets go in the job's environment: its command line is shown in Ray's job list and logs.
+    secret = [item for item in args.set if is_secret_override(item)]
+    plain = [item for item in args.set if not is_secret_override(item)]
+    command = run_command(args.config, args.run_id, plain, args.date, args.from_stage, args.from_run)
+    job_id = submit(args.address, command, runtime_env(working_dir, not args.no_ship_package, secret),
                     args.submission_id)
     print(f"submitted job {job_id}")
     print(f"follow its logs:  ray job logs --address {args.address} --follow {job_id}")
@@ -174,7 +182,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bft.config import load_config
     from bft.training.run import PLOT_FILE, RECORD_FILE, train
 
+    from bft.redaction import learn
+
     cfg = load_config(args.config, args.set)
+    learn(cfg)
     result = train(cfg, args.direction, args.out, add_runs=args.add_run, merge=args.merge)
     record = result.record
     losses = [h["loss"] for h in record["loss"]]
@@ -284,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bft.redaction import mask_console
+
+    mask_console()  # before logging is set up, so its handler writes through the mask
+    if sets := getattr(args, "set", None):  # before the config is loaded: its errors may quote them
+        from bft.redaction import MASKER, is_secret_override
+
+        MASKER.add(item.partition("=")[2] for item in sets if is_secret_override(item))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

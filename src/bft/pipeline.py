@@ -18,6 +18,7 @@ from bft.engines.vllm_engine import check_platform_support
 from bft.filters.language import check_languages
 from bft.filters.token_length import token_budgets
 from bft.graph import RunFailed, run_dataset
+from bft.lease import RunLease
 from bft.planning import (RunResult, completed_marker, load_templates, new_run_id, plan_work,
                           previous_run_for_date, started_marker, unfinished_run_for_date)
 from bft.resume import scan_run
@@ -47,7 +48,6 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     seeds = load_seed(cfg.seed, storage) if cfg.seed.uri else None
     templates = load_templates(cfg, seeds)
     adapters = resolve_adapters(cfg, storage)
-    prompt_sha256 = {name: t.sha256 for name, t in templates.items()}
     if from_stage is not None and from_stage not in RESTARTABLE:
         raise ValueError(f"--from-stage must be one of {', '.join(RESTARTABLE)}, got {from_stage!r}")
 
@@ -55,6 +55,17 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     check_languages(cfg.filters)
     check_platform_support(cfg, LLM_STAGES)
     storage.check_writable(cfg.output.uri)
+    # One driver per run id (lease.py): taken before anything of the run is read or written.
+    command = f"bft run (date {cfg.date})" if cfg.date else "bft run"
+    with RunLease(storage, run_uri, cfg.output.lease_ttl_s, command=command):
+        return _attempt(cfg, storage, run_id, run_uri, started_at, from_stage, from_run, seeds, templates, adapters)
+
+
+def _attempt(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, started_at: float,
+             from_stage: str | None, from_run: str | None, seeds: Any, templates: dict[str, Any],
+             adapters: dict[str, Any]) -> RunResult:
+    """Plan, run and account for one attempt of a run, under its lease."""
+    prompt_sha256 = {name: t.sha256 for name, t in templates.items()}
     # What else the rows depend on, checked like the config when the run is resumed.
     inputs_sha256 = {**({"seed pairs": seeds.sha256} if seeds else {}),
                      **{f"{name}.lora": adapter.sha256 for name, adapter in adapters.items()}}

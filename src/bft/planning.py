@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bft.config import BftConfig
+from bft.lease import is_lease_file
 from bft.prompts import PromptTemplate, Shot, load_template, same_frames
 from bft.readers import ColumnMapping, InputError, ReadLimits, read_file
 from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
@@ -202,7 +203,7 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
                         manifest_start="read" if in_place else from_stage, first_stage_input=rows_in)
 
     inputs = list_inputs(cfg, storage)
-    if not storage.list_files(run_uri):
+    if not [f for f in storage.list_files(run_uri) if not is_lease_file(f, run_uri)]:  # a new run
         write_run_record(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
         preflight(cfg, storage, inputs)
         return WorkPlan(list(RESTARTABLE), inputs, inputs_total=len(inputs))

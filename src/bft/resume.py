@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bft.config import BftConfig
+from bft.redaction import mask
 from bft.schema import row_key
 from bft.stages import FOLDERS, LLM_STAGES, ORDER, PREVIOUS
 from bft.steps.read import read_stats
@@ -42,6 +43,7 @@ RUN_RECORD = "_run/config.json"
 # Fields that change how a run is scheduled or reported, not what it produces: they may
 # differ between attempts of one run (e.g. resume on a bigger cluster).
 SCHEDULING_FIELDS = {"ray", "storage", "report", "engine", "train", "input.rows_per_block", "filters.dedup_shards",
+                     "output.lease_ttl_s",
                      "filters.near_dedup.shards",
                      *(f"{stage}.{name}" for stage in LLM_STAGES
                        for name in ("replicas", "batch_size", "max_concurrent_batches", "resources", "env_vars"))}
@@ -190,7 +192,7 @@ def _content_fields(snapshot: dict[str, Any], prefix: str = "") -> dict[str, Any
 def write_run_record(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str],
                      inputs_sha256: dict[str, str] | None = None) -> None:
     record = {"config": cfg.redacted(), "prompt_sha256": prompt_sha256, "inputs_sha256": inputs_sha256 or {}}
-    storage.write_bytes(join(run_uri, RUN_RECORD), json.dumps(record, indent=2).encode())
+    storage.write_bytes(join(run_uri, RUN_RECORD), mask(json.dumps(record, indent=2)).encode())
 
 
 def check_same_run(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256: dict[str, str],

@@ -6,10 +6,15 @@ same object travels into Ray tasks and opens its own connection there.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import os
 import posixpath
 import uuid
 from functools import cached_property
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, Any, Iterator
 
 import fsspec
 
@@ -167,6 +172,84 @@ class Storage:
         with fs.open(tmp, "wb") as fh:
             fh.write(data)
         fs.mv(tmp, path)
+
+    # --- conditional writes (the run lease, lease.py) ---------------------------------
+    # S3 gives them natively (If-None-Match / If-Match on PUT); local files get them from
+    # O_EXCL and an flock held around read-compare-write, which covers drivers on one
+    # machine (a local output folder is not shared further).
+
+    def create_new(self, uri: str, data: bytes) -> bool:
+        """Write ``uri`` only if it does not exist; False when it does."""
+        fs, path = self.fs(uri), self._path(uri)
+        if is_remote(uri):
+            try:
+                fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+        with self._local_lock(path):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        return True
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """The file's bytes and a version token for :meth:`replace_if`; None when missing."""
+        fs, path = self.fs(uri), self._path(uri)
+        if not is_remote(uri):
+            with self._local_lock(path):
+                try:
+                    data = Path(path).read_bytes()
+                except FileNotFoundError:
+                    return None
+            return data, hashlib.sha256(data).hexdigest()
+        for _ in range(5):  # the object may change between the two calls: read until stable
+            fs.invalidate_cache(path)
+            try:
+                before = fs.info(path)["ETag"]
+                data = fs.cat_file(path)
+                if fs.info(path)["ETag"] == before:
+                    return data, before
+            except FileNotFoundError:
+                return None
+        raise StorageError(f"{uri}: changes faster than it can be read")
+
+    def replace_if(self, uri: str, data: bytes, version: str) -> str | None:
+        """Overwrite ``uri`` if it is still at ``version``; its new version, or None when
+        someone else changed (or removed) it first."""
+        fs, path = self.fs(uri), self._path(uri)
+        if not is_remote(uri):
+            with self._local_lock(path):
+                try:
+                    if hashlib.sha256(Path(path).read_bytes()).hexdigest() != version:
+                        return None
+                except FileNotFoundError:
+                    return None
+                self.write_bytes(uri, data)
+            return hashlib.sha256(data).hexdigest()
+        try:
+            fs.pipe_file(path, data, IfMatch=version)
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or "condition" in str(exc).lower():
+                return None
+            raise
+        found = self.read_versioned(uri)
+        return found[1] if found is not None and found[0] == data else None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _local_lock(path: str) -> Iterator[None]:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(f"{path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def remove(self, uris: list[str], missing_ok: bool = False) -> None:
         for uri in uris:

@@ -12,11 +12,13 @@ The driver needs no GPU: every GPU need is a resource of the engine actor pools 
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Any
 
 import bft
+from bft.redaction import SECRET_SETS_ENV
 
 # Never shipped to the cluster: environments, caches, outputs, VCS metadata.
 WORKING_DIR_EXCLUDES = [".venv", ".cache", "out", ".git", "**/__pycache__", "*.egg-info", "benchmarks/results"]
@@ -38,8 +40,12 @@ def run_command(config: str, run_id: str | None, sets: list[str], date: str | No
     return cmd
 
 
-def runtime_env(working_dir: str | None, ship_package: bool) -> dict[str, Any]:
+def runtime_env(working_dir: str | None, ship_package: bool, secret_sets: list[str] | None = None) -> dict[str, Any]:
+    """``secret_sets``: ``--set`` overrides that carry secrets, handed to the job's ``bft run``
+    through its environment (``BFT_SECRET_SETS``, see ``redaction.py``) instead of its command line."""
     env: dict[str, Any] = {}
+    if secret_sets:
+        env["env_vars"] = {SECRET_SETS_ENV: json.dumps(secret_sets)}
     if working_dir:
         env["working_dir"] = working_dir
         env["excludes"] = list(WORKING_DIR_EXCLUDES)

@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # that it never reaches a log, manifest or output file.
 S3_KEY_ID = "AKIABFTTESTKEY000001"
 S3_SECRET = "bft-planted-secret-9f3c2e7a"
+# More planted secrets (issue 17): a token in every stage's engine_kwargs, one in the
+# environment under a credential name, a proxy password in a URL in the environment.
+ENGINE_TOKEN = "hf_planted_engine_kwargs_51d0"
+ENV_TOKEN = "hf_planted_environment_7c2b"
+PROXY_PASSWORD = "planted-proxy-pass-e41a"
+PLANTED = (S3_SECRET, ENGINE_TOKEN, ENV_TOKEN, PROXY_PASSWORD)
 
 
 def pytest_collection_modifyitems(items):

@@ -31,7 +31,7 @@ import yaml
 from hostile import HostileCorpus, write_hostile_corpus
 from warc_files import crawl_records, long_document, warc_bytes
 
-from .conftest import ROOT, S3_KEY_ID, S3_SECRET, BftProcess, engine_settings
+from .conftest import ENGINE_TOKEN, ENV_TOKEN, PROXY_PASSWORD, ROOT, S3_KEY_ID, S3_SECRET, BftProcess, engine_settings
 from .run_files import RunFiles, key, parquet_paths
 
 BUCKET = "bft-s3"
@@ -100,6 +100,8 @@ def write_config(path: Path, corpus: Corpus) -> Path:
     data["input"] = {"uri": INPUT, "max_files": len(corpus.names)}
     data["output"] = {"uri": RUNS}
     data["curate"]["threshold"] = 1
+    for stage in ("generate", "curate", "rewrite"):  # vLLM's own hf_token argument (the model is local)
+        data[stage]["engine_kwargs"] = {**data[stage]["engine_kwargs"], "hf_token": ENGINE_TOKEN}
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -112,6 +114,9 @@ def env_for(s3_server, endpoint: str) -> dict[str, str]:
     """Credentials come from the config file; the environment only points at the server."""
     env = {k: v for k, v in s3_server.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env["AWS_ENDPOINT_URL_S3"] = endpoint
+    # planted: must be masked wherever bft writes (the proxy serves nothing: every address used is local)
+    env.update({"HF_TOKEN": ENV_TOKEN, "HTTPS_PROXY": f"http://bft:{PROXY_PASSWORD}@127.0.0.1:9",
+                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
     return env
 
 

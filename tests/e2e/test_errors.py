@@ -7,7 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from .conftest import ROOT, run_bft
+from .conftest import ROOT, BftProcess, run_bft
 
 
 def test_report_command_errors_name_the_problem(tmp_path):
@@ -104,3 +104,21 @@ def test_a_stage_that_loses_every_batch_fails_the_run_with_the_engines_error(tmp
     retried = [r for r in pq.read_table(run / "dropped").to_pylist() if r["reason"] == "batch_failed"]
     assert sorted(r["id"] for r in retried) == sorted(r["id"] for r in failed)  # once each, not twice
     assert json.loads((run / "manifest.json").read_text())["reconciled"]
+
+
+def test_a_second_driver_on_a_running_run_is_refused_naming_the_first(tmp_path, tiny_model):
+    """Issue 17: nothing stopped two drivers working on one run id, each with its own dedup."""
+    out = tmp_path / "out"
+    args = ["run", "examples/quickstart.yaml", "--run-id", "one-run", "--set", f"output.uri={out}",
+            f"--set=model={tiny_model}"]
+    first = BftProcess(args, {})
+    lease = out / "one-run" / "_run" / "lease.json"
+    first.wait_until(lease.exists, "the first driver's lease")
+    second = run_bft(*args)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "is being worked on by another driver" in second.stderr
+    assert f"pid {first.proc.pid};" in second.stderr and "Started a local Ray instance" not in second.stderr
+    assert first.wait() == 0, first.output[-3000:]
+    assert not lease.exists()  # given back at the end
+    manifest = json.loads((out / "one-run" / "manifest.json").read_text())
+    assert manifest["reconciled"] and manifest["final_rows"] > 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -15,7 +16,7 @@ from bft.config import ConfigError, load_config
 
 from warc_files import crawl_records, pages, skipped_count
 
-from .conftest import ROOT, S3_SECRET, engine_settings, run_bft
+from .conftest import PLANTED, ROOT, S3_SECRET, engine_settings, run_bft
 from .report_checks import check_page_renders, check_report_against_files
 from .run_files import documented_columns, key
 from .s3_runs import (BASELINE_DATE, BEYOND_MAX_FILES, BUCKET, COPY_FILE, COPY_ID, ORIGINAL_ID, WARC_FILE, command,
@@ -139,11 +140,17 @@ def test_quality_report_matches_the_files_and_renders(s3_baseline, s3_corpus, tm
 
 
 def test_secret_never_written_or_logged(s3_baseline, s3_corpus):
+    """Every planted secret (config, engine_kwargs, environment, proxy URL) stays out of the
+    console, the run's files and Ray's logs."""
     fs, _ = s3_corpus
-    assert S3_SECRET not in s3_baseline.run.output
+    for secret in PLANTED:
+        assert secret not in s3_baseline.run.output, secret
     for path in fs.find(f"{BUCKET}/runs"):
-        assert S3_SECRET.encode() not in fs.cat(path), path
-    assert s3_baseline.files.manifest["config"]["storage"]["secret_access_key"] == "**********"
+        data = fs.cat(path)
+        assert not [s for s in PLANTED if s.encode() in data], path
+    config = s3_baseline.files.manifest["config"]
+    assert config["storage"]["secret_access_key"] == "**********"
+    assert config["generate"]["engine_kwargs"]["hf_token"] == "**********"
     logs = [p for p in s3_baseline.ray_tmp.rglob("*") if p.is_file() and not p.is_socket()]
     assert any(p.suffix in (".log", ".out", ".err") for p in logs), "no Ray logs found to search"
     for path in logs:
@@ -151,7 +158,7 @@ def test_secret_never_written_or_logged(s3_baseline, s3_corpus):
             data = path.read_bytes()
         except OSError:
             continue
-        assert S3_SECRET.encode() not in data, path
+        assert not [s for s in PLANTED if s.encode() in data], path
 
 
 def test_rerunning_the_same_date_adds_nothing(s3_baseline, s3_corpus, s3_config, s3_server, tiny_model):
@@ -190,3 +197,46 @@ def test_missing_bucket_fails_fast_naming_uri_and_cause(s3_server, tiny_model, s
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stderr
     assert S3_SECRET not in result.stderr
+
+
+def test_the_run_lease_on_s3_is_exclusive_renewed_and_taken_over_only_when_stale(s3_server):
+    """Issue 17: conditional writes on the S3 server itself (If-None-Match, If-Match)."""
+    import threading
+
+    from bft.config import StorageConfig
+    from bft.lease import LEASE_FILE, LeaseHeld, RunLease
+    from bft.storage import Storage
+
+    from .conftest import S3_KEY_ID
+
+    s3_server.fs().mkdir("bft-lease-test")
+    storage = Storage(StorageConfig(endpoint_url=s3_server.endpoint, access_key_id=S3_KEY_ID,
+                                    secret_access_key=S3_SECRET, region="us-west-2"))
+    run = "s3://bft-lease-test/runs/r1"
+    results, barrier = [], threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            results.append(RunLease(storage, run, ttl_s=1.2).acquire())
+        except LeaseHeld as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [holder] = [r for r in results if isinstance(r, RunLease)]
+    assert all(f"pid {holder.pid}" in str(r) for r in results if r is not holder)
+    first = json.loads(storage.read_bytes(f"{run}/{LEASE_FILE}"))["renewed_at"]
+    time.sleep(1.0)
+    assert json.loads(storage.read_bytes(f"{run}/{LEASE_FILE}"))["renewed_at"] > first  # renewed
+    # a driver that stopped renewing (its renewals stalled) is taken over once stale
+    holder.stopped.set()
+    holder.thread.join()
+    time.sleep(1.5)
+    successor = RunLease(storage, run, ttl_s=1.2).acquire()
+    assert json.loads(storage.read_bytes(f"{run}/{LEASE_FILE}"))["holder"] == successor.holder
+    successor.release()
+    assert not storage.exists(f"{run}/{LEASE_FILE}")

@@ -376,6 +376,11 @@ class OutputConfig(_Strict):
     with ``origin: seed`` (web-derived rows have ``origin: web``). The manifest counts them
     apart (``seed_rows``), so input rows still reconcile with web rows + drops."""
 
+    lease_ttl_s: float = Field(default=120, ge=10)
+    """A run's driver holds its lease (``<run>/_run/lease.json``) and renews it every quarter
+    of this; another driver for the same run id refuses to start until the lease is this old
+    (or its holder, on the same machine, has ended), then takes the run over."""
+
     seed_system_prompt: str = "You are a helpful assistant. Answer the way a careful expert would, in your own voice."
     """System message of the seed pairs in the final dataset (``seed_mix``): a model tuned on
     the mix can tell human-written answers from web-derived ones by it; empty for none."""

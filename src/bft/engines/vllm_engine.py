@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from bft.config.models import LLMStageConfig
+from bft.redaction import mask
 from bft.steps.llm import EngineReply
 
 
@@ -282,4 +283,4 @@ async def generate(engine: SteppedEngine | AsyncEngine, request_id: str, request
     except fatal_errors():
         raise
     except Exception as exc:  # noqa: BLE001 - the engine's own request errors are many kinds
-        return EngineReply(text="", error=f"{type(exc).__name__}: {exc}")
+        return EngineReply(text="", error=mask(f"{type(exc).__name__}: {exc}"))

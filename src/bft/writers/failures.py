@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+from bft.redaction import mask
 from bft.storage import Storage, join
 
 FAILURES_DIR = "_run/failures"
@@ -47,7 +48,7 @@ def record_failure(storage: Storage, run_uri: str, where: str, error: str, origi
     """Keep one failure (``origin``: ``engine`` or ``ray``); never raises, since it runs
     on the way out of something that already failed."""
     name = f"{time.time_ns()}-{os.getpid()}.json"
-    record = {"where": where, "error": error[:MAX_LINE * 2], "origin": origin, "time": time.time()}
+    record = {"where": where, "error": mask(error)[:MAX_LINE * 2], "origin": origin, "time": time.time()}
     try:
         storage.write_bytes(join(run_uri, FAILURES_DIR, name), json.dumps(record).encode())
     except Exception:  # noqa: BLE001 - the failure itself is logged by the caller

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from bft.stages import FOLDERS, LLM_STAGES, ORDER, PREVIOUS
 from bft.steps.read import read_stats
+from bft.redaction import mask
 from bft.storage import Storage, join
 from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, STARTED_KEY, parquet_files, seed_pairs_uri
 
@@ -263,5 +264,5 @@ def batch_failures(stages: dict[str, dict[str, Any]], max_share: float, error: s
 
 def write_manifest(storage: Storage, run_uri: str, manifest: dict[str, Any]) -> str:
     uri = join(run_uri, MANIFEST_NAME)
-    storage.write_bytes(uri, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    storage.write_bytes(uri, (mask(json.dumps(manifest, indent=2, sort_keys=False)) + "\n").encode())
     return uri
