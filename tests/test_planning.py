@@ -175,3 +175,65 @@ def test_from_stage_filter_in_place_reads_the_input_again(finished, minimal_conf
     assert all(files(run, folder) == [] for folder in ("filtered", "generated", "curated", "rewritten", "sft"))
     with pytest.raises(ValueError, match="--from-stage filter reads the input again"):
         planning.plan_work(cfg, STORAGE, "r3", str(runs / "r3"), "filter", "r1", sha)
+
+
+# --- restart safety (issue 17) ------------------------------------------------------------
+
+def test_files_that_land_after_a_date_completed_are_read_by_its_run(dated, caplog):
+    config, runs = dated
+    assert bft_run(config) == 0
+    run_id = marker(runs, "_completed")
+    done = json.loads((runs / "_completed" / "2026-11-22.json").read_text())
+    assert [Path(f).name for f in done["input_files"]] == ["a.jsonl"]
+    late = config.parent / "in" / "2026-11-22" / "b.jsonl"
+    late.write_text("\n".join(json.dumps({"id": f"late{i}", "text": f"late {i}"}) for i in range(2)) + "\n")
+    with caplog.at_level("INFO", logger="bft"):
+        assert bft_run(config) == 0
+    assert f"1 input file(s) landed since run {run_id} completed it; resuming it" in caplog.text
+    assert marker(runs, "_completed") == run_id  # the same run, not a second one
+    done = json.loads((runs / "_completed" / "2026-11-22.json").read_text())
+    assert [Path(f).name for f in done["input_files"]] == ["a.jsonl", "b.jsonl"]
+    manifest = json.loads((runs / run_id / "manifest.json").read_text())
+    assert manifest["reconciled"] and manifest["stages"]["read"]["in"] == 5
+    assert bft_run(config) == 0  # nothing new: skipped again
+
+
+def test_a_killed_in_place_restart_undoes_completion_and_refuses_a_plain_resume(dated, capsys):
+    config, runs = dated
+    assert bft_run(config) == 0
+    run_id = marker(runs, "_completed")
+    # --from-stage filter in place, killed once it had cleared the stages (nothing redone yet)
+    cfg = load_config(str(config), ["date=2026-11-22"])
+    sha = {name: t.sha256 for name, t in planning.load_templates(cfg).items()}
+    planning.plan_work(cfg, STORAGE, run_id, str(runs / run_id), "filter", None, sha)
+    assert not (runs / run_id / "manifest.json").exists()
+    assert not (runs / "_completed" / "2026-11-22.json").exists()  # the date is no longer done
+    # the scheduled re-run of the date (a plain resume) is refused, naming what finishes it
+    assert bft_run(config) == 2
+    err = capsys.readouterr().err
+    assert "restart did not finish" in err and f"--run-id {run_id} --from-stage filter" in err
+    # finishing the restart makes the date complete again
+    assert bft_run(config, "--run-id", run_id, "--from-stage", "filter") == 0
+    assert marker(runs, "_completed") == run_id and not (runs / run_id / planning.RESTART_FILE).exists()
+    assert json.loads((runs / run_id / "manifest.json").read_text())["reconciled"]
+
+
+def test_a_retry_after_midnight_finishes_the_date_it_started_then_runs_today(dated, caplog):
+    import datetime
+
+    config, runs = dated
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    yesterday = (today - datetime.timedelta(days=1)).isoformat()
+    for day in (yesterday, today.isoformat()):
+        (config.parent / "in" / day).mkdir(exist_ok=True)
+        (config.parent / "in" / day / "a.jsonl").write_text(json.dumps({"id": f"{day}-1", "text": "x"}) + "\n")
+    # yesterday's attempt died after it started
+    cfg = load_config(str(config), [f"date={yesterday}"])
+    sha = {name: t.sha256 for name, t in planning.load_templates(cfg).items()}
+    planning.plan_work(cfg, STORAGE, "died", str(runs / "died"), None, None, sha)
+    STORAGE.write_bytes(str(runs / "_started" / f"{yesterday}.json"), json.dumps({"run_id": "died"}).encode())
+    with caplog.at_level("INFO", logger="bft"):
+        assert main(["run", str(config)]) == 0  # no --date: today
+    assert f"date {yesterday}: its run started and never completed; finishing it" in caplog.text
+    assert json.loads((runs / "_completed" / f"{yesterday}.json").read_text())["run_id"] == "died"
+    assert (runs / "_completed" / f"{today.isoformat()}.json").exists()

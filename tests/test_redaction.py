@@ -31,9 +31,11 @@ def test_every_configured_and_environment_secret_is_known_by_value():
                              "storage.endpoint_url=https://minio:proxy-pass-777@minio:9000"])
     assert {"s3-secret-value-1", HF, "hf-second-12345", "proxy-pass-777"} <= configured_secrets(cfg)
     env = {"HF_TOKEN": "hf-env-value-999", "HTTPS_PROXY": "http://bob:env-proxy-pass@proxy:3128",
-           "HOME": "/root", SECRET_SETS_ENV: json.dumps(["storage.session_token=session-tok-42"])}
+           "HOME": "/root", "PWD": "/work/project", "RAY_AUTH_TOKEN_PATH": "/secrets/ray-token",
+           SECRET_SETS_ENV: json.dumps(["storage.session_token=session-tok-42"])}
     found = environment_secrets(env)
-    assert {"hf-env-value-999", "env-proxy-pass", "session-tok-42"} <= found and "/root" not in found
+    assert {"hf-env-value-999", "env-proxy-pass", "session-tok-42"} <= found
+    assert not {"/root", "/work/project", "/secrets/ray-token"} & found  # names of paths, not secrets
 
 
 def test_a_masked_stream_masks_every_known_value_and_keeps_short_ones():

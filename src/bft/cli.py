@@ -67,12 +67,31 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bft.config import load_config
-    from bft.pipeline import run_pipeline
+    from bft.planning import earlier_unfinished_dates
     from bft.redaction import learn, secret_sets
 
     # secret_sets: what `bft submit` kept off the command line (see redaction.py)
-    cfg = load_config(args.config, args.set + secret_sets() + ([f"date={args.date}"] if args.date else []))
+    sets = args.set + secret_sets()
+    cfg = load_config(args.config, sets + ([f"date={args.date}"] if args.date else []))
     learn(cfg)
+    statuses = []
+    if args.date is None and cfg.date is not None and not (args.force or args.from_stage or args.run_id):
+        log = logging.getLogger("bft")
+        for earlier in earlier_unfinished_dates(lambda day: load_config(args.config, [*sets, f"date={day}"]),
+                                                cfg.date, cfg.catch_up_days):
+            log.info("date %s: its run started and never completed; finishing it before %s (catch_up_days=%d)",
+                     earlier.date, cfg.date, cfg.catch_up_days)
+            try:
+                statuses.append(_run_one(earlier, args))
+            except Exception as exc:  # noqa: BLE001 - today's run goes ahead; this one is reported
+                print(f"bft: error: date {earlier.date} could not be finished: {_root_cause(exc)}", file=sys.stderr)
+                statuses.append(1)
+    return max([*statuses, _run_one(cfg, args)])
+
+
+def _run_one(cfg: Any, args: argparse.Namespace) -> int:
+    from bft.pipeline import run_pipeline
+
     result = run_pipeline(cfg, args.run_id, from_stage=args.from_stage, from_run=args.from_run,
                           force=args.force)
     manifest = result.manifest

@@ -19,11 +19,12 @@ from bft.filters.language import check_languages
 from bft.filters.token_length import token_budgets
 from bft.graph import RunFailed, run_dataset
 from bft.lease import RunLease
-from bft.planning import (RunResult, completed_marker, load_templates, new_run_id, plan_work,
-                          previous_run_for_date, started_marker, unfinished_run_for_date)
+from bft.planning import (RunResult, completed_marker, landed_since, load_templates, new_run_id, plan_work,
+                          previous_run_for_date, restart_marker, started_marker, unfinished_run_for_date)
 from bft.resume import scan_run
 from bft.seed import load_seed
 from bft.stages import FOLDERS, JOINABLE, LLM_STAGES, RESTARTABLE
+from bft.steps.read import read_stats
 from bft.steps.sft import write_seed_pairs
 from bft.storage import Storage, join
 from bft.writers.failures import first_error, read_failures
@@ -40,7 +41,12 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     started_at = time.time()
     storage = Storage(cfg.storage)
     if not force and from_stage is None and (previous := previous_run_for_date(cfg, storage)):
-        return previous
+        if not (landed := landed_since(cfg, storage, previous)):
+            return previous
+        # Shards of the date that arrived after it was completed: its run reads them now.
+        log.info("date %s: %d input file(s) landed since run %s completed it; resuming it to read them",
+                 cfg.date, len(landed), previous.run_id)
+        run_id = run_id or previous.run_id
     if run_id is None and not force and from_stage is None and (run_id := unfinished_run_for_date(cfg, storage)):
         log.info("date %s: run %s started earlier and did not finish; resuming it", cfg.date, run_id)
     run_id = run_id or new_run_id()
@@ -112,12 +118,17 @@ def _attempt(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, starte
     manifest["batch_failures"] = batch_failures(manifest["stages"], cfg.ray.max_failed_share,
                                                 first_error(read_failures(storage, run_uri)))
     manifest_uri = write_manifest(storage, run_uri, manifest)
-    if cfg.date is not None and manifest["reconciled"] and not manifest["batch_failures"]["failed"]:
+    complete = manifest["reconciled"] and not manifest["batch_failures"]["failed"]
+    if complete:
+        storage.remove([restart_marker(run_uri)], missing_ok=True)  # a restart, if any, has finished
+    if cfg.date is not None and complete:
         # Consumers read the date's final dataset through this marker, so a forced
-        # re-run replaces the old one instead of adding rows next to it.
+        # re-run replaces the old one instead of adding rows next to it. The input files
+        # it lists are what a later run of the date compares the listing with.
         storage.write_bytes(completed_marker(cfg), json.dumps(
             {"date": cfg.date, "run_id": run_id, "run_uri": run_uri, "manifest": manifest_uri,
-             "sft": join(run_uri, FOLDERS["sft"]), "final_rows": manifest["final_rows"]}).encode())
+             "sft": join(run_uri, FOLDERS["sft"]), "final_rows": manifest["final_rows"],
+             "input_files": sorted(s["source"] for s in read_stats(storage, run_uri))}).encode())
     return RunResult(run_id=run_id, run_uri=run_uri, manifest_uri=manifest_uri, manifest=manifest)
 
 

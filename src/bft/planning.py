@@ -4,12 +4,15 @@ a resume, ``--from-stage``)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import secrets
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
@@ -17,17 +20,21 @@ from bft.config import BftConfig
 from bft.lease import is_lease_file
 from bft.prompts import PromptTemplate, Shot, load_template, same_frames
 from bft.readers import ColumnMapping, InputError, ReadLimits, read_file
+from bft.redaction import mask
 from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
 from bft.seed import SeedSet
 from bft.stages import FINAL, FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
 from bft.storage import INPUT_SUFFIXES, Storage, detect_format, join
 from bft.writers.failures import FAILURES_DIR
+from bft.writers.manifest import MANIFEST_NAME
 from bft.writers.parquet import DROPPED_DIR, failed_batch_files, parquet_files
 
 log = logging.getLogger("bft")
 
 COMPLETED_DIR = "_completed"
 STARTED_DIR = "_started"
+# Written by an in-place --from-stage before it clears anything, removed once it reconciles.
+RESTART_FILE = "_run/restart.json"
 
 
 @dataclass
@@ -37,6 +44,7 @@ class RunResult:
     manifest_uri: str
     manifest: dict[str, Any]
     skipped: bool = False  # a dated input that an earlier run already processed
+    input_files: list[str] | None = None  # what that earlier run covered (its completion record)
 
 
 def completed_marker(cfg: BftConfig) -> str:
@@ -64,7 +72,60 @@ def previous_run_for_date(cfg: BftConfig, storage: Storage) -> RunResult | None:
         return None
     done = json.loads(storage.read_bytes(marker))
     manifest = json.loads(storage.read_bytes(done["manifest"]))
-    return RunResult(done["run_id"], done["run_uri"], done["manifest"], manifest, skipped=True)
+    return RunResult(done["run_id"], done["run_uri"], done["manifest"], manifest, skipped=True,
+                     input_files=done.get("input_files"))
+
+
+def landed_since(cfg: BftConfig, storage: Storage, previous: RunResult) -> list[str]:
+    """Input files of the date that its completed run did not cover (shards that landed
+    later). A completion record of an older bft lists no files: nothing can be told."""
+    if previous.input_files is None:
+        return []
+    covered = set(previous.input_files)
+    return [f for f in list_inputs(cfg, storage) if f not in covered]
+
+
+def earlier_unfinished_dates(load: Callable[[str], BftConfig], today: str, days: int) -> list[BftConfig]:
+    """Configs of the ``days`` dates before ``today`` whose run started and never completed
+    (oldest first): a retry that starts after midnight UTC, or a run abandoned after its
+    retries, is finished before the new date is begun."""
+    found = []
+    for back in range(days, 0, -1):
+        day = (datetime.date.fromisoformat(today) - datetime.timedelta(days=back)).isoformat()
+        cfg = load(day)
+        storage = Storage(cfg.storage)
+        if storage.exists(started_marker(cfg)) and not storage.exists(completed_marker(cfg)):
+            found.append(cfg)
+    return found
+
+
+def restart_marker(run_uri: str) -> str:
+    return join(run_uri, RESTART_FILE)
+
+
+def mark_restart(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_stage: str) -> None:
+    """Before an in-place ``--from-stage`` clears anything: the run stops counting as done
+    (its manifest and its date's completion record go) until the restart reconciles, and a
+    plain resume is refused meanwhile (:func:`check_no_restart_pending`)."""
+    command = mask(shlex.join(["bft", *sys.argv[1:]])) if sys.argv[1:2] == ["run"] else \
+        f"bft run CONFIG --run-id {run_id} --from-stage {from_stage}"
+    storage.write_bytes(restart_marker(run_uri), json.dumps(
+        {"from_stage": from_stage, "started_at": time.time(), "command": command}).encode())
+    storage.remove([join(run_uri, MANIFEST_NAME)], missing_ok=True)
+    if cfg.date is not None and (done := storage.read_if_exists(completed_marker(cfg))) is not None:
+        if json.loads(done).get("run_id") == run_id:
+            storage.remove([completed_marker(cfg)], missing_ok=True)
+
+
+def check_no_restart_pending(storage: Storage, run_uri: str) -> None:
+    data = storage.read_if_exists(restart_marker(run_uri))
+    if data is None:
+        return
+    restart = json.loads(data)
+    raise ValueError(
+        f"run {run_uri} was being restarted from {restart['from_stage']} (--from-stage) and that restart did "
+        f"not finish; its later stages hold part old, part new outputs, so a plain resume is refused. Finish "
+        f"the restart with the command that started it: {restart['command']}")
 
 
 def new_run_id() -> str:
@@ -195,6 +256,7 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
         stages = list(RESTARTABLE[RESTARTABLE.index(from_stage):])
         files, rows_in = stage_inputs(storage, join(cfg.output.uri, from_run or run_id), from_stage)
         if in_place:
+            mark_restart(cfg, storage, run_id, run_uri, from_stage)
             clear_stages(storage, run_uri, stages)
             # The stages redone now may run with another config (a new threshold, prompt
             # or model): a later resume of this run is checked against the config in force.
@@ -211,8 +273,11 @@ def plan_work(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, from_
     if from_stage == "filter":
         # Filtering again in place: forget what filter and later stages wrote, then the
         # resume below re-reads every input file (rows dropped by read stay dropped).
+        mark_restart(cfg, storage, run_id, run_uri, from_stage)
         clear_stages(storage, run_uri, list(RESTARTABLE))
         write_run_record(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
+    else:
+        check_no_restart_pending(storage, run_uri)
     # The run id exists: resume it, doing only what no earlier attempt finished.
     check_same_run(storage, run_uri, cfg, prompt_sha256, inputs_sha256)
     retry_failed_batches(storage, run_uri)

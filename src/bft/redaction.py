@@ -28,6 +28,9 @@ SECRET_SETS_ENV = "BFT_SECRET_SETS"
 MIN_SECRET_CHARS = 8
 # Typed config fields that hold secrets (``SecretStr``).
 SECRET_FIELDS = ("storage.access_key_id", "storage.secret_access_key", "storage.session_token")
+# Names that look like credentials but hold none: the shell's working directory, and
+# variables that point at a credential file rather than holding it.
+NOT_SECRET_NAME_RE = re.compile(r"^(OLD)?PWD$|_(FILE|PATH|DIR|HOME)$|^GOOGLE_APPLICATION_CREDENTIALS$", re.IGNORECASE)
 _USERINFO_SECRET_RE = re.compile(r"[a-z][a-z0-9+.-]*://(?P<user>[^/@\s:]+)(?::(?P<password>[^/@\s]*))?@", re.IGNORECASE)
 
 
@@ -52,7 +55,8 @@ def _in_urls(text: str) -> list[str]:
 
 def environment_secrets(environ: dict[str, str] | None = None) -> set[str]:
     environ = os.environ if environ is None else environ
-    found = {value for name, value in environ.items() if SECRET_NAME_RE.search(name) and name != SECRET_SETS_ENV}
+    found = {value for name, value in environ.items()
+             if SECRET_NAME_RE.search(name) and not NOT_SECRET_NAME_RE.search(name) and name != SECRET_SETS_ENV}
     for value in environ.values():
         found.update(_in_urls(value))
     found.update(item.partition("=")[2] for item in secret_sets(environ))

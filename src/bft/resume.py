@@ -207,7 +207,7 @@ def check_same_run(storage: Storage, run_uri: str, cfg: BftConfig, prompt_sha256
     before = {**_content_fields(record["config"]),
               **{f"prompt template of {k}": v for k, v in record.get("prompt_sha256", {}).items()},
               **{f"sha256 of {k}": v for k, v in record.get("inputs_sha256", {}).items()}}
-    now = {**_content_fields(cfg.redacted()),
+    now = {**_content_fields(json.loads(mask(json.dumps(cfg.redacted())))),  # as write_run_record wrote it
            **{f"prompt template of {k}": v for k, v in prompt_sha256.items()},
            **{f"sha256 of {k}": v for k, v in (inputs_sha256 or {}).items()}}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))

@@ -26,6 +26,11 @@ class _RunSettings(_Strict):
     run over a dated input is recorded under ``<output.uri>/_completed/<date>.json``; the same
     date is not processed twice unless ``--force``."""
 
+    catch_up_days: int = Field(default=1, ge=0)
+    """When ``bft run`` is given no ``--date``: a dated run of one of this many days before
+    today that started and never completed (a retry that began after midnight UTC, a run
+    abandoned after its retries) is finished first, then today's is run."""
+
     input: InputConfig = Field(default_factory=InputConfig)
     """What to read."""
 
