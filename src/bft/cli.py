@@ -67,6 +67,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bft.config import load_config
+    from bft.lease import LeaseHeld
     from bft.planning import earlier_unfinished_dates
     from bft.redaction import learn, secret_sets
 
@@ -83,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                      earlier.date, cfg.date, cfg.catch_up_days)
             try:
                 statuses.append(_run_one(earlier, args))
+            except LeaseHeld as exc:  # still running elsewhere (a long run past midnight): its driver finishes it
+                log.warning("date %s is left to the driver that holds it: %s", earlier.date, exc)
             except Exception as exc:  # noqa: BLE001 - today's run goes ahead; this one is reported
                 print(f"bft: error: date {earlier.date} could not be finished: {_root_cause(exc)}", file=sys.stderr)
                 statuses.append(1)
@@ -313,10 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from bft.redaction import mask_console
+    from bft.redaction import masked_console
 
-    mask_console()  # before logging is set up, so its handler writes through the mask
+    args = build_parser().parse_args(argv)
+    with masked_console():  # before logging is set up, so its handler writes through the mask
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     if sets := getattr(args, "set", None):  # before the config is loaded: its errors may quote them
         from bft.redaction import MASKER, is_secret_override
 

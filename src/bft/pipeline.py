@@ -128,7 +128,9 @@ def _attempt(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, starte
         storage.write_bytes(completed_marker(cfg), json.dumps(
             {"date": cfg.date, "run_id": run_id, "run_uri": run_uri, "manifest": manifest_uri,
              "sft": join(run_uri, FOLDERS["sft"]), "final_rows": manifest["final_rows"],
-             "input_files": sorted(s["source"] for s in read_stats(storage, run_uri))}).encode())
+             # (unknown for a run restarted from another run's stage: it read no input itself)
+             "input_files": sorted(s["source"] for s in read_stats(storage, run_uri))
+             if plan.manifest_start == "read" else None}).encode())
     return RunResult(run_id=run_id, run_uri=run_uri, manifest_uri=manifest_uri, manifest=manifest)
 
 

@@ -15,11 +15,12 @@ shows in its job list and driver log): they travel in the job's environment, as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 from bft.config.models import FREE_FORM_SECTIONS, REDACTED, SECRET_NAME_RE, URL_USERINFO_RE
 
@@ -136,10 +137,17 @@ class MaskedStream:
         return getattr(self._stream, name)
 
 
-def mask_console() -> None:
-    """Mask this process's stdout and stderr (before logging is set up, so its handlers
-    write through them; Ray prints forwarded worker logs to ``sys.stdout``/``sys.stderr``)."""
+@contextlib.contextmanager
+def masked_console() -> Iterator[None]:
+    """Mask this process's stdout and stderr while in the block (enter it before logging is
+    set up, so its handlers write through the mask; Ray prints forwarded worker logs to
+    ``sys.stdout``/``sys.stderr``, looked up at each write)."""
+    saved = sys.stdout, sys.stderr
     if not isinstance(sys.stdout, MaskedStream):
         sys.stdout = MaskedStream(sys.stdout)  # type: ignore[assignment]
     if not isinstance(sys.stderr, MaskedStream):
         sys.stderr = MaskedStream(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

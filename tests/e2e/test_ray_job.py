@@ -373,8 +373,11 @@ def test_bft_submit_restarts_in_place_from_rewrite(job):
     run = out / RUN_ID
     earlier = {folder: sorted(p.name for p in (run / folder).glob("*.parquet"))
                for folder in ("filtered", "generated", "curated")}
+    # a secret given on the command line (issue 17): it must reach the run, not the job's entrypoint
+    planted = "planted-session-token-0d4e91"
     cmd = [sys.executable, "-m", "bft.cli", "submit", str(job["config"]), "--address", address,
-           "--run-id", RUN_ID, "--from-stage", "rewrite", "--set", "rewrite.min_response_chars=10"]
+           "--run-id", RUN_ID, "--from-stage", "rewrite", "--set", "rewrite.min_response_chars=10",
+           "--set", f"storage.session_token={planted}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -386,6 +389,13 @@ def test_bft_submit_restarts_in_place_from_rewrite(job):
         assert "failed" not in status and "stopped" not in status, _job_logs(address, job_id, env)
         assert time.time() < deadline, "job did not finish in time"
         time.sleep(5)
+    entrypoint = subprocess.run(
+        [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+         "print(C(sys.argv[1]).get_job_info(sys.argv[2]).entrypoint)", address, job_id],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert "run" in entrypoint.stdout and planted not in entrypoint.stdout, entrypoint.stderr[-2000:]
+    assert planted not in _job_logs(address, job_id, env) + proc.stdout + proc.stderr
+    assert json.loads((run / "_run" / "config.json").read_text())["config"]["storage"]["session_token"] == "**********"
     files = RunFiles(fsspec.filesystem("file"), str(run))
     # in place: one manifest over every stage, earlier stages' files untouched
     assert list(files.manifest["stages"]) == ["read", "filter", "generate", "curate", "rewrite", "sft"]
