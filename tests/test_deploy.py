@@ -42,6 +42,26 @@ def test_cluster_yaml_is_valid_for_ray():
     assert config["idle_timeout_minutes"] and config["upscaling_speed"]
 
 
+def test_cluster_yaml_starts_every_node_with_token_auth_and_a_loopback_dashboard():
+    config = yaml.safe_load((ROOT / "deploy" / "cluster-aws.yaml").read_text())
+    token_file = "/home/ray/.ray/auth_token"
+    assert config["file_mounts"][token_file] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in config[key] if "ray start" in c]
+        assert start, key
+        for command in start:
+            assert "RAY_AUTH_MODE=token" in command and f"RAY_AUTH_TOKEN_PATH={token_file}" in command, command
+    head_start = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in str(config)
+
+
+def test_image_has_no_passwordless_sudo():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    code = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
+    assert "NOPASSWD" not in code and "sudoers" not in code and not re.search(r"\bsudo\b", code)
+    assert re.search(r"^USER 1000$", dockerfile, re.M)
+
+
 @pytest.mark.parametrize("mutate", [
     lambda c: c.update(idle_timeout_minutes="ten"),
     lambda c: c.update(not_a_field=1),
@@ -107,7 +127,7 @@ def crd_validator(kind: str):
 
 def test_kustomizations_render_expected_kinds(rendered):
     kinds = {path: sorted(d["kind"] for d in docs) for path, docs in rendered.items()}
-    assert kinds["k8s/base"] == ["ConfigMap", "RayJob", "ServiceAccount"]
+    assert kinds["k8s/base"] == ["ConfigMap", "NetworkPolicy", "RayJob", "ServiceAccount"]
     assert "RayCronJob" in kinds["k8s/overlays/example-nightly"]
     assert "CronJob" in kinds["k8s/overlays/example-nightly-legacy-operator"]
     assert "RayCluster" in kinds["k8s/overlays/example"]
@@ -207,3 +227,112 @@ def test_no_credentials_in_manifests(rendered):
     assert "aws_secret_access_key:" not in text and "akia" not in text
     sa = next(d for d in rendered["k8s/overlays/example"] if d["kind"] == "ServiceAccount")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith("role/bft-crawl-bucket")
+
+
+# --- Security of the rendered manifests --------------------------------------------------------
+
+AUTH_SECRET = "bft-ray-auth"
+
+
+def ray_pod_specs(doc: dict) -> dict[str, dict]:
+    """Every pod spec a KubeRay resource creates, by role."""
+    spec = doc["spec"]
+    if doc["kind"] == "RayCronJob":
+        spec = spec["jobTemplate"]
+    cluster = spec if doc["kind"] == "RayCluster" else spec["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    for group in cluster["workerGroupSpecs"]:
+        pods[f"worker:{group['groupName']}"] = group["template"]["spec"]
+    if "submitterPodTemplate" in spec:
+        pods["submitter"] = spec["submitterPodTemplate"]["spec"]
+    return pods
+
+
+def cluster_spec(doc: dict) -> dict:
+    spec = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+    return spec if doc["kind"] == "RayCluster" else spec["rayClusterSpec"]
+
+
+def token_from_secret(env: list[dict]) -> bool:
+    by_name = {e["name"]: e for e in env}
+    ref = by_name.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    return by_name.get("RAY_AUTH_MODE", {}).get("value") == "token" and ref == {"name": AUTH_SECRET, "key": "auth_token"}
+
+
+def assert_hardened(pod: dict, where: str) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True, where
+    assert pod["securityContext"]["runAsUser"] != 0, where
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+    for container in pod["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, where
+        assert context["capabilities"]["drop"] == ["ALL"], where
+        assert not context.get("privileged"), where
+
+
+def kuberay_docs(rendered):
+    return [(path, doc) for path, docs in rendered.items() for doc in docs
+            if doc["apiVersion"] == "ray.io/v1"]
+
+
+def test_every_ray_cluster_requires_the_token_from_the_users_secret(rendered):
+    checked = 0
+    for path, doc in kuberay_docs(rendered):
+        cluster = cluster_spec(doc)
+        where = f"{path} {doc['kind']}"
+        if path.endswith("legacy-operator"):
+            # 1.5.x operators generate the token Secret and inject it everywhere themselves.
+            assert cluster["authOptions"] == {"mode": "token"}, where
+            assert AUTH_SECRET not in yaml.safe_dump(doc), where
+            continue
+        assert cluster["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}, where
+        for role, pod in ray_pod_specs(doc).items():
+            for container in pod["containers"]:
+                assert token_from_secret(container.get("env", [])), f"{where} {role}"
+        assert token_from_secret(cluster["autoscalerOptions"]["env"]), where
+        checked += 1
+    assert checked >= 5
+
+
+def test_ray_pods_are_hardened_and_only_the_head_mounts_an_api_token(rendered):
+    for path, doc in kuberay_docs(rendered):
+        for role, pod in ray_pod_specs(doc).items():
+            where = f"{path} {doc['kind']} {role}"
+            assert_hardened(pod, where)
+            # The head runs the autoscaler sidecar, which scales the cluster through the API.
+            assert pod["automountServiceAccountToken"] is (role == "head"), where
+        autoscaler = cluster_spec(doc)["autoscalerOptions"]["securityContext"]
+        assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"]["drop"] == ["ALL"]
+    for docs in rendered.values():
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "bft")
+        assert sa["automountServiceAccountToken"] is False
+    cronjob = next(d for d in rendered["k8s/overlays/example-nightly-legacy-operator"] if d["kind"] == "CronJob")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert_hardened(pod, "CronJob")
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_network_policy_admits_only_ray_pods_the_submitter_and_the_operator(rendered):
+    for path, docs in rendered.items():
+        policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+        selected = policy["spec"]["podSelector"]["matchLabels"]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for _, doc in kuberay_docs({path: docs}):
+            for role, pod_spec in ray_pod_specs(doc).items():
+                pod = (doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"])
+                labels = (pod["submitterPodTemplate"]["metadata"]["labels"] if role == "submitter" else
+                          (cluster_spec(doc)["headGroupSpec"]["template"] if role == "head" else
+                           next(g for g in cluster_spec(doc)["workerGroupSpecs"]
+                                if f"worker:{g['groupName']}" == role)["template"])["metadata"]["labels"])
+                is_ray = all(labels.get(k) == v for k, v in selected.items())
+                assert is_ray is (role != "submitter"), f"{path} {role}"
+        rules = policy["spec"]["ingress"]
+        # Every rule names its sources; no rule is open to every pod or address.
+        assert rules and all(rule.get("from") for rule in rules), path
+        assert not any("ipBlock" in peer for rule in rules for peer in rule["from"]), path
+        from_ray = [r for r in rules if r["from"][0].get("podSelector", {}).get("matchLabels") == selected
+                    and "namespaceSelector" not in r["from"][0]]
+        assert len(from_ray) == 1 and "ports" not in from_ray[0]
+        others = [r for r in rules if r not in from_ray]
+        # The submitter and the operator reach the Jobs API (8265) and nothing else.
+        assert others and all(r["ports"] == [{"port": 8265, "protocol": "TCP"}] for r in others), path

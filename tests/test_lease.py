@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bft.config import StorageConfig
-from bft.lease import LEASE_FILE, LeaseHeld, RunLease
+from bft.lease import LEASE_FILE, LeaseHeld, LeaseLost, RunLease
 from bft.storage import Storage
 
 STORAGE = Storage(StorageConfig())
@@ -79,3 +79,21 @@ def test_the_lease_is_renewed_while_held_and_a_lost_lease_stops_its_driver(tmp_p
     assert lost.wait(2) and lease.lost_to == "usurper"
     lease.release()
     assert json.loads((tmp_path / LEASE_FILE).read_text())["holder"] == "usurper"  # not removed: not ours
+
+
+def test_a_driver_that_loses_its_lease_stops_with_one_clear_error(tmp_path):
+    with pytest.raises(LeaseLost, match="lost its lease .* to usurper"):
+        with RunLease(STORAGE, str(tmp_path), ttl_s=0.4):  # default on_lost: interrupt the main thread
+            plant(tmp_path, holder="usurper", renewed_at=time.time())
+            time.sleep(5)  # the run's work; the interrupt ends it
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["holder"] == "usurper"
+
+
+def test_a_lease_left_empty_by_a_driver_that_died_writing_it_is_taken_over(tmp_path):
+    (tmp_path / LEASE_FILE).parent.mkdir(parents=True)
+    (tmp_path / LEASE_FILE).write_bytes(b"")  # created, never written
+    lease = RunLease(STORAGE, str(tmp_path), ttl_s=60).acquire()
+    try:
+        assert json.loads((tmp_path / LEASE_FILE).read_text())["holder"] == lease.holder
+    finally:
+        lease.release()

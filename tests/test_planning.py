@@ -218,6 +218,32 @@ def test_a_killed_in_place_restart_undoes_completion_and_refuses_a_plain_resume(
     assert json.loads((runs / run_id / "manifest.json").read_text())["reconciled"]
 
 
+def test_a_restart_that_reconciles_with_failed_batches_leaves_them_to_a_plain_resume(dated, monkeypatch, capsys):
+    config, runs = dated
+    assert bft_run(config) == 0
+    run_id = marker(runs, "_completed")
+
+    def every_batch_fails(cfg, plan, storage, run_uri, templates, budgets, adapters=None):
+        writer = StageWriter(storage, run_uri)
+        for uri in plan.input_files:
+            for docs, _, _ in read_file(storage, uri, "auto", ColumnMapping(), 100):
+                writer.write_failed("filter", [{**d, "reason": "batch_failed", "detail": "boom"} for d in docs], 0.0)
+
+    monkeypatch.setattr(pipeline, "run_dataset", every_batch_fails)
+    assert bft_run(config, "--run-id", run_id, "--from-stage", "filter") == 1  # more than max_failed_share lost
+    manifest = json.loads((runs / run_id / "manifest.json").read_text())
+    assert manifest["reconciled"] and manifest["batch_failures"]["failed"] == ["filter"]
+    # The restart ran to its end: its outputs are all of one configuration, so nothing is
+    # left half-done and the plain resume of the date is not refused; it retries the batches.
+    assert not (runs / run_id / planning.RESTART_FILE).exists()
+    assert not (runs / "_completed" / "2026-11-22.json").exists()
+    monkeypatch.setattr(pipeline, "run_dataset", fake_run_dataset)
+    capsys.readouterr()
+    assert bft_run(config) == 0
+    assert "restart did not finish" not in capsys.readouterr().err
+    assert marker(runs, "_completed") == run_id
+
+
 def test_a_retry_after_midnight_finishes_the_date_it_started_then_runs_today(dated, caplog):
     import datetime
 

@@ -40,6 +40,10 @@ class LeaseHeld(RuntimeError):
     """Another live driver holds the run's lease."""
 
 
+class LeaseLost(LeaseHeld):
+    """This driver lost the run's lease mid-run; another driver owns the run now."""
+
+
 def lease_uri(run_uri: str) -> str:
     return join(run_uri, LEASE_FILE)
 
@@ -85,11 +89,15 @@ class RunLease:
         data, version = found
         try:
             return json.loads(data), version
-        except ValueError:  # being written this instant (local create): a live holder
-            return {"holder": "?", "renewed_at": time.time()}, version
+        except ValueError:
+            # Local creates write under the lock readers take and S3 puts are atomic, so a
+            # lease that does not parse was left by a writer that died mid-write: stale.
+            return {"holder": "?", "unreadable": True}, version
 
     def _stale(self, lease: dict[str, Any]) -> str | None:
         """Why ``lease`` may be taken over, or None while its holder may be alive."""
+        if lease.get("unreadable"):
+            return "it could not be read (a driver died while writing it)"
         age = time.time() - float(lease.get("renewed_at", 0))
         if age > float(lease.get("ttl_s", self.ttl_s)):
             return f"last renewed {age:.0f} s ago"
@@ -100,10 +108,11 @@ class RunLease:
     def acquire(self) -> RunLease:
         for _ in range(3):
             body = self._body()
-            if self.storage.create_new(self.uri, body):
-                self.version = self._current()[1]  # type: ignore[index]
-                break
+            created = self.storage.create_new(self.uri, body)
             current = self._current()
+            if created and current is not None and current[0].get("holder") == self.holder:
+                self.version = current[1]
+                break
             if current is None:
                 continue  # given back just now: try to create it again
             lease, version = current
@@ -161,5 +170,12 @@ class RunLease:
     def __enter__(self) -> RunLease:
         return self.acquire()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.release()
+        # The interrupt on_lost sent is ours, not the user's Ctrl-C: say what happened in
+        # one line instead of a KeyboardInterrupt traceback from wherever the run was.
+        if self.lost_to is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+            raise LeaseLost(
+                f"run {self.run_uri}: this driver lost its lease {self.uri} to {self.lost_to} (its renewals "
+                f"stalled past output.lease_ttl_s={self.ttl_s:.0f} s) and stopped; that driver owns the run now"
+            ) from None

@@ -119,8 +119,10 @@ def _attempt(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, starte
                                                 first_error(read_failures(storage, run_uri)))
     manifest_uri = write_manifest(storage, run_uri, manifest)
     complete = manifest["reconciled"] and not manifest["batch_failures"]["failed"]
-    if complete:
-        storage.remove([restart_marker(run_uri)], missing_ok=True)  # a restart, if any, has finished
+    if manifest["reconciled"]:
+        # A restart, if any, has run to its end: every output is of this configuration, so a
+        # plain resume (which retries any failed batches) is safe again.
+        storage.remove([restart_marker(run_uri)], missing_ok=True)
     if cfg.date is not None and complete:
         # Consumers read the date's final dataset through this marker, so a forced
         # re-run replaces the old one instead of adding rows next to it. The input files

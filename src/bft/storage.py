@@ -187,6 +187,13 @@ class Storage:
                 return True
             except FileExistsError:
                 return False
+            except OSError as exc:
+                # 412 PreconditionFailed, or 409 ConditionalRequestConflict when another
+                # conditional write to the key is in flight: either way it was not ours.
+                if any(code in str(exc) for code in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                     "412", "409")):
+                    return False
+                raise
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
         with self._local_lock(path):
             try:
