@@ -198,6 +198,31 @@ def test_files_that_land_after_a_date_completed_are_read_by_its_run(dated, caplo
     assert bft_run(config) == 0  # nothing new: skipped again
 
 
+def test_a_date_reading_late_files_is_not_complete_until_it_reconciles(dated, monkeypatch, capsys):
+    config, runs = dated
+    assert bft_run(config) == 0
+    run_id = marker(runs, "_completed")
+    late = config.parent / "in" / "2026-11-22" / "b.jsonl"
+    late.write_text(json.dumps({"id": "late", "text": "late"}) + "\n")
+
+    def dies(*args, **kwargs):
+        assert not (runs / "_completed" / "2026-11-22.json").exists()  # consumers see no growing dataset
+        raise RuntimeError("driver killed")
+
+    monkeypatch.setattr(pipeline, "run_dataset", dies)
+    with pytest.raises(RuntimeError, match="driver killed"):
+        bft_run(config)
+    assert not (runs / "_completed" / "2026-11-22.json").exists()  # left for the next run to finish
+    monkeypatch.setattr(pipeline, "run_dataset", fake_run_dataset)
+    assert bft_run(config) == 0 and marker(runs, "_completed") == run_id
+    # The date's input expired (a lifecycle rule): its completed run still stands.
+    for f in (config.parent / "in" / "2026-11-22").iterdir():
+        f.unlink()
+    capsys.readouterr()
+    assert bft_run(config) == 0
+    assert f"already processed by run {run_id}" in capsys.readouterr().out
+
+
 def test_a_killed_in_place_restart_undoes_completion_and_refuses_a_plain_resume(dated, capsys):
     config, runs = dated
     assert bft_run(config) == 0
@@ -230,9 +255,13 @@ def test_a_restart_that_reconciles_with_failed_batches_leaves_them_to_a_plain_re
                 writer.write_failed("filter", [{**d, "reason": "batch_failed", "detail": "boom"} for d in docs], 0.0)
 
     monkeypatch.setattr(pipeline, "run_dataset", every_batch_fails)
+    stale = runs / run_id / "_run" / "failures" / "1-1.json"  # an error of an earlier attempt
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"where": "generate", "error": "OldError: gone", "origin": "engine", "time": 1}))
     assert bft_run(config, "--run-id", run_id, "--from-stage", "filter") == 1  # more than max_failed_share lost
     manifest = json.loads((runs / run_id / "manifest.json").read_text())
     assert manifest["reconciled"] and manifest["batch_failures"]["failed"] == ["filter"]
+    assert manifest["batch_failures"]["first_error"] is None  # not the earlier attempt's error
     # The restart ran to its end: its outputs are all of one configuration, so nothing is
     # left half-done and the plain resume of the date is not refused; it retries the batches.
     assert not (runs / run_id / planning.RESTART_FILE).exists()
@@ -242,6 +271,23 @@ def test_a_restart_that_reconciles_with_failed_batches_leaves_them_to_a_plain_re
     assert bft_run(config) == 0
     assert "restart did not finish" not in capsys.readouterr().err
     assert marker(runs, "_completed") == run_id
+
+
+def test_two_fresh_drivers_of_one_date_work_on_one_run(dated, monkeypatch, capsys):
+    import time
+
+    config, runs = dated
+    # Driver A noted the date as its run and holds that run's lease, after driver B had
+    # looked for an unfinished run and found none (they started at the same moment).
+    (runs / "_started").mkdir(parents=True)
+    (runs / "_started" / "2026-11-22.json").write_text(json.dumps({"date": "2026-11-22", "run_id": "run-a"}))
+    (runs / "run-a" / "_run").mkdir(parents=True)
+    (runs / "run-a" / "_run" / "lease.json").write_text(json.dumps(
+        {"holder": "a", "host": "elsewhere", "pid": 1, "ttl_s": 120, "renewed_at": time.time()}))
+    monkeypatch.setattr(pipeline, "unfinished_run_for_date", lambda cfg, storage: None)
+    assert bft_run(config) == 2
+    assert "run-a is being worked on by another driver" in capsys.readouterr().err
+    assert sorted(p.name for p in runs.iterdir()) == ["_started", "run-a"]  # no second run of the date
 
 
 def test_a_retry_after_midnight_finishes_the_date_it_started_then_runs_today(dated, caplog):

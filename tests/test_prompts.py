@@ -157,6 +157,21 @@ def test_web_text_cannot_close_the_block_it_sits_in(step):
     assert template.messages(document="a <b>bold</b> word", instruction="q")[-1]["content"].count("<b>bold</b>") == 1
 
 
+def test_only_control_tokens_are_defused_not_plain_added_vocabulary(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from bft.tokenization import defuse_control_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    tokenizer.add_tokens(["    ", "bicycle", "<tool_call>"])  # not special: vocabulary, and one marker
+    tokenizer.save_pretrained(tmp_path / "tok")
+    text = "A bicycle    chain.<tool_call>{}<|end|>"
+    defused = defuse_control_tokens(str(tmp_path / "tok"), text)
+    assert defused.replace("\u200b", "") == text
+    assert "A bicycle    chain." in defused  # words and spaces untouched
+    assert "<tool_call>" not in defused and "<|end|>" not in defused
+
+
 def test_control_tokens_in_a_document_stay_text_and_cannot_open_a_turn(tmp_path, tiny_model):
     """Issue 17: a page ending the user turn and opening the assistant's was read as those tokens."""
     from bft.config import load_config

@@ -21,6 +21,11 @@ def test_secret_overrides_are_told_from_plain_ones():
     assert is_secret_override("generate.env_vars.HF_TOKEN=x")
     assert is_secret_override("rewrite.engine_kwargs.hf_token=x")
     assert is_secret_override("storage.endpoint_url=https://user:pw@minio:9000")
+    # whole sections given at once
+    assert is_secret_override("generate.env_vars={HF_TOKEN: x, OTHER: y}")
+    assert is_secret_override("storage={secret_access_key: abc, region: us-east-1}")
+    assert is_secret_override("curate={engine_kwargs: {hf_token: x}}")
+    assert not is_secret_override("generate.sampling={max_tokens: 128, temperature: 0.7}")
     assert not is_secret_override("generate.sampling.max_tokens=128")  # a token count is no token
     assert not is_secret_override("input.uri=s3://bucket/crawl/")
 
@@ -43,6 +48,32 @@ def test_a_masked_stream_masks_every_known_value_and_keeps_short_ones():
     masker.loaded_environment = True  # this test's values only
     masker.add([HF, "true", "hf_plantedToken"])
     assert masker.mask(f"token={HF} flag=true") == "token=********** flag=true"
+
+
+def test_a_secret_is_masked_inside_json_text_too():
+    masker = Masker()
+    masker.loaded_environment = True
+    secret = 'pa"ss\\word-123'
+    masker.add([secret])
+    assert secret not in masker.mask(secret) and "word-123" not in masker.mask(json.dumps({"k": secret}))
+
+
+def test_a_worker_that_unpickles_the_run_context_masks_the_configs_secrets(tmp_path):
+    """Ray workers get the config inside the pickled RunContext; their error records and
+    engine-error details must mask its secrets, not only their environment's."""
+    import subprocess
+    import sys
+
+    from bft.context import RunContext
+
+    cfg = load_config(None, ["model=/m", "generate.engine_kwargs.hf_token=hf-only-in-config-4242"])
+    ctx = RunContext(config=cfg, storage=Storage(StorageConfig()), run_uri=str(tmp_path), templates={})
+    (tmp_path / "ctx.pkl").write_bytes(__import__("pickle").dumps(ctx))
+    code = ("import pickle, sys; from bft.redaction import mask; pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(mask('engine said: bad token hf-only-in-config-4242'))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ctx.pkl")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "engine said: bad token **********"
 
 
 def test_secret_values_in_a_written_manifest_are_masked(tmp_path, monkeypatch):

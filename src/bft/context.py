@@ -29,6 +29,15 @@ class RunContext:
     # The LoRA adapter of each stage that runs with one (``engines/adapters.py``).
     adapters: dict[str, Any] = field(default_factory=dict)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled in a Ray worker: that process masks the config's secrets too (an
+        # engine error quoting a token from engine_kwargs, a failure record), not only the
+        # ones in its environment.
+        from bft.redaction import learn
+
+        self.__dict__.update(state)
+        learn(self.config)
+
     @property
     def writer(self) -> StageWriter:
         return StageWriter(self.storage, self.run_uri)

@@ -19,8 +19,10 @@ from bft.filters.language import check_languages
 from bft.filters.token_length import token_budgets
 from bft.graph import RunFailed, run_dataset
 from bft.lease import RunLease
-from bft.planning import (RunResult, completed_marker, landed_since, load_templates, new_run_id, plan_work,
-                          previous_run_for_date, restart_marker, started_marker, unfinished_run_for_date)
+from bft.planning import (RunResult, claim_date, completed_marker, landed_since, load_templates, new_run_id,
+                          plan_work, previous_run_for_date, reopen_date, restart_marker, started_marker,
+                          unfinished_run_for_date)
+from bft.redaction import mask
 from bft.resume import scan_run
 from bft.seed import load_seed
 from bft.stages import FOLDERS, JOINABLE, LLM_STAGES, RESTARTABLE
@@ -40,6 +42,7 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
                  from_run: str | None = None, force: bool = False) -> RunResult:
     started_at = time.time()
     storage = Storage(cfg.storage)
+    reopen = False
     if not force and from_stage is None and (previous := previous_run_for_date(cfg, storage)):
         if not (landed := landed_since(cfg, storage, previous)):
             return previous
@@ -47,8 +50,12 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         log.info("date %s: %d input file(s) landed since run %s completed it; resuming it to read them",
                  cfg.date, len(landed), previous.run_id)
         run_id = run_id or previous.run_id
+        reopen = True
     if run_id is None and not force and from_stage is None and (run_id := unfinished_run_for_date(cfg, storage)):
         log.info("date %s: run %s started earlier and did not finish; resuming it", cfg.date, run_id)
+    if run_id is None and cfg.date is not None and not force and from_stage is None:
+        if (run_id := claim_date(cfg, storage, fresh := new_run_id())) != fresh:
+            log.info("date %s: another driver started it just now as run %s; joining that run", cfg.date, run_id)
     run_id = run_id or new_run_id()
     run_uri = join(cfg.output.uri, run_id)
     seeds = load_seed(cfg.seed, storage) if cfg.seed.uri else None
@@ -64,6 +71,8 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     # One driver per run id (lease.py): taken before anything of the run is read or written.
     command = f"bft run (date {cfg.date})" if cfg.date else "bft run"
     with RunLease(storage, run_uri, cfg.output.lease_ttl_s, command=command):
+        if reopen:
+            reopen_date(cfg, storage, run_id)
         return _attempt(cfg, storage, run_id, run_uri, started_at, from_stage, from_run, seeds, templates, adapters)
 
 
@@ -156,8 +165,8 @@ def sweep_failed_batches(storage: Storage, run_uri: str, cfg: BftConfig) -> int:
             log.warning("%s: %d row(s) were in batches that failed every retry; dropped as batch_failed",
                         stage, len(lost))
             cause = f": {error}" if error else "; no error was recorded (the Ray logs of the run have it)"
-            detail = (f"its batch failed at {stage} on every attempt (ray.engine_batch_retries="
-                      f"{cfg.ray.engine_batch_retries}){cause}")
+            detail = mask(f"its batch failed at {stage} on every attempt (ray.engine_batch_retries="
+                          f"{cfg.ray.engine_batch_retries}){cause}")
             writer.write_failed(stage, [{**row, "reason": "batch_failed", "detail": detail} for row in lost],
                                 time.time())
             total += len(lost)

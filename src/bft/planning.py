@@ -65,6 +65,16 @@ def unfinished_run_for_date(cfg: BftConfig, storage: Storage) -> str | None:
     return json.loads(storage.read_bytes(marker))["run_id"]
 
 
+def claim_date(cfg: BftConfig, storage: Storage, run_id: str) -> str:
+    """Note ``run_id`` as the date's run unless a driver that started at the same moment
+    got there first (the marker is created only if absent); the run id that holds the
+    date. Two fresh drivers of one date thus work on one run, and its lease lets one in."""
+    body = json.dumps({"date": cfg.date, "run_id": run_id}).encode()
+    if storage.create_new(started_marker(cfg), body):
+        return run_id
+    return json.loads(storage.read_bytes(started_marker(cfg)))["run_id"]
+
+
 def previous_run_for_date(cfg: BftConfig, storage: Storage) -> RunResult | None:
     """The run that already processed ``cfg.date`` (scheduled runs), if any."""
     marker = completed_marker(cfg)
@@ -82,7 +92,22 @@ def landed_since(cfg: BftConfig, storage: Storage, previous: RunResult) -> list[
     if previous.input_files is None:
         return []
     covered = set(previous.input_files)
-    return [f for f in list_inputs(cfg, storage) if f not in covered]
+    try:
+        listed = list_inputs(cfg, storage)
+    except InputError as exc:  # the date's input expired or moved: its completed run still stands
+        log.warning("date %s: its input can no longer be listed (%s); keeping run %s's result",
+                    cfg.date, exc, previous.run_id)
+        return []
+    return [f for f in listed if f not in covered]
+
+
+def reopen_date(cfg: BftConfig, storage: Storage, run_id: str) -> None:
+    """The date's completed run reads files that landed since: until it reconciles again
+    the date is not complete (consumers never read a dataset that is still growing, and
+    a driver that dies here leaves the date for the next run to finish)."""
+    if (done := storage.read_if_exists(completed_marker(cfg))) is not None and \
+            json.loads(done).get("run_id") == run_id:
+        storage.remove([completed_marker(cfg)], missing_ok=True)
 
 
 def earlier_unfinished_dates(load: Callable[[str], BftConfig], today: str, days: int) -> list[BftConfig]:
@@ -112,6 +137,9 @@ def mark_restart(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, fr
     storage.write_bytes(restart_marker(run_uri), json.dumps(
         {"from_stage": from_stage, "started_at": time.time(), "command": command}).encode())
     storage.remove([join(run_uri, MANIFEST_NAME)], missing_ok=True)
+    # Errors of the attempts before it would pass for the restart's own (the rows of
+    # earlier failed batches keep theirs in their drop details).
+    storage.remove(storage.list_files(join(run_uri, FAILURES_DIR)), missing_ok=True)
     if cfg.date is not None and (done := storage.read_if_exists(completed_marker(cfg))) is not None:
         if json.loads(done).get("run_id") == run_id:
             storage.remove([completed_marker(cfg)], missing_ok=True)

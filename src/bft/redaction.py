@@ -22,6 +22,8 @@ import re
 import sys
 from typing import Any, Iterable, Iterator, TextIO
 
+import yaml
+
 from bft.config.models import FREE_FORM_SECTIONS, REDACTED, SECRET_NAME_RE, URL_USERINFO_RE
 
 SECRET_SETS_ENV = "BFT_SECRET_SETS"
@@ -36,12 +38,32 @@ _USERINFO_SECRET_RE = re.compile(r"[a-z][a-z0-9+.-]*://(?P<user>[^/@\s:]+)(?::(?
 
 
 def is_secret_override(item: str) -> bool:
-    """Whether a ``KEY=VALUE`` override carries a secret."""
+    """Whether a ``KEY=VALUE`` override carries a secret, at any depth of its value
+    (``generate.env_vars={HF_TOKEN: ...}`` or ``storage={secret_access_key: ...}`` too)."""
     key, _, value = item.partition("=")
+    try:  # parsed as ``--set`` parses it (config/loading.py)
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return any(_is_secret_leaf(k, v) for k, v in _leaves(key, parsed)) or bool(URL_USERINFO_RE.search(value))
+
+
+def _leaves(key: str, value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(key, v)
+    else:
+        yield key, value
+
+
+def _is_secret_leaf(key: str, value: Any) -> bool:
     parts = key.split(".")
     free_form = any(section in parts[:-1] for section in FREE_FORM_SECTIONS)
     return (key in SECRET_FIELDS or (free_form and bool(SECRET_NAME_RE.search(parts[-1])))
-            or bool(URL_USERINFO_RE.search(value)))
+            or (isinstance(value, str) and bool(URL_USERINFO_RE.search(value))))
 
 
 def secret_sets(environ: dict[str, str] | None = None) -> list[str]:
@@ -98,6 +120,9 @@ class Masker:
 
     def add(self, values: Iterable[str | None]) -> None:
         new = {v for v in values if isinstance(v, str) and len(v) >= MIN_SECRET_CHARS and v != REDACTED}
+        # and as they appear inside JSON text (the manifest, records): quotes and
+        # backslashes escaped
+        new |= {json.dumps(v)[1:-1] for v in new}
         if new - self.values:
             self.values |= new
             # longest first: a secret that contains another is masked whole

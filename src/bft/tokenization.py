@@ -23,13 +23,21 @@ def load_tokenizer(path: str) -> Any:
 # Put inside a control-token string found in message text, so that it no longer matches
 # the token: invisible to a reader, and the text around it is unchanged.
 ZERO_WIDTH_SPACE = "\u200b"
+# Characters of the markers chat formats use for turns and tool calls.
+_MARKUP_CHARS = frozenset("<>[]|")
 
 
 @lru_cache(maxsize=8)
 def _control_tokens(tokenizer_path: str) -> re.Pattern[str] | None:
-    """Every string the tokenizer reads as one added token (specials, chat-role markers)."""
+    """The strings the tokenizer reads as one control token: its special tokens, and added
+    tokens that look like markup (``<tool_call>``, ``[INST]``). Other added tokens (runs of
+    spaces, whole words some tokenizers add) are plain vocabulary and stay untouched, so
+    the page's text reaches the model as it was."""
     tokenizer = load_tokenizer(tokenizer_path)
-    names = {t for t in [*tokenizer.get_added_vocab(), *tokenizer.all_special_tokens] if len(t) > 1}
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    candidates = [*tokenizer.all_special_tokens,
+                  *(t.content for t in added if t.special or _MARKUP_CHARS.intersection(t.content))]
+    names = {t for t in candidates if len(t) > 1 and t.strip()}
     return re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True)))) if names else None
 
 
