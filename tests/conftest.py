@@ -11,6 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_WEBDOCS = ROOT.parent / "shared" / "webdocs"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_logs_in_a_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``bft run`` writes its logs to a file; the tests' go to a folder of their own
+    (subprocesses inherit it), not the user's ~/.cache/bft/logs."""
+    os.environ.setdefault("BFT_LOG_DIR", str(tmp_path_factory.mktemp("bft-logs")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight model + tokenizer, built locally (no hub). Reused when

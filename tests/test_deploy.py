@@ -281,10 +281,15 @@ def test_every_ray_cluster_requires_the_token_from_the_users_secret(rendered):
         cluster = cluster_spec(doc)
         where = f"{path} {doc['kind']}"
         if path.endswith("legacy-operator"):
-            # 1.5.x operators generate the token Secret and inject it everywhere themselves.
+            # 1.5.1-1.6.1 operators generate the token Secret and inject it everywhere themselves.
             assert cluster["authOptions"] == {"mode": "token"}, where
             assert AUTH_SECRET not in yaml.safe_dump(doc), where
             continue
+        # The legacy overlay removes these env lists whole: they must hold only the token.
+        for role, pod in ray_pod_specs(doc).items():
+            names = [e["name"] for e in pod["containers"][0].get("env", [])]
+            assert names == ["RAY_AUTH_MODE", "RAY_AUTH_TOKEN"], \
+                f"{where} {role}: env beyond the token; patch the legacy overlay's env removal too"
         assert cluster["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}, where
         for role, pod in ray_pod_specs(doc).items():
             for container in pod["containers"]:
@@ -336,3 +341,5 @@ def test_network_policy_admits_only_ray_pods_the_submitter_and_the_operator(rend
         others = [r for r in rules if r not in from_ray]
         # The submitter and the operator reach the Jobs API (8265) and nothing else.
         assert others and all(r["ports"] == [{"port": 8265, "protocol": "TCP"}] for r in others), path
+        # every peer is chosen by pod labels (no whole namespace, no address range)
+        assert all(peer["podSelector"]["matchLabels"] for r in rules for peer in r["from"]), path

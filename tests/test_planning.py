@@ -290,6 +290,13 @@ def test_two_fresh_drivers_of_one_date_work_on_one_run(dated, monkeypatch, capsy
     assert sorted(p.name for p in runs.iterdir()) == ["_started", "run-a"]  # no second run of the date
 
 
+def test_a_date_whose_input_has_not_landed_claims_nothing(dated, capsys):
+    config, runs = dated
+    assert main(["run", str(config), "--date", "2026-11-23"]) == 2  # no input folder for that date
+    assert "no input files found" in capsys.readouterr().err
+    assert not (runs / "_started" / "2026-11-23.json").exists()  # so no later run "finishes" it
+
+
 def test_a_retry_after_midnight_finishes_the_date_it_started_then_runs_today(dated, caplog):
     import datetime
 

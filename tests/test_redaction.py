@@ -25,6 +25,7 @@ def test_secret_overrides_are_told_from_plain_ones():
     assert is_secret_override("generate.env_vars={HF_TOKEN: x, OTHER: y}")
     assert is_secret_override("storage={secret_access_key: abc, region: us-east-1}")
     assert is_secret_override("curate={engine_kwargs: {hf_token: x}}")
+    assert is_secret_override("generate.env_vars.HF_TOKEN=a: b")  # a value that parses as a mapping
     assert not is_secret_override("generate.sampling={max_tokens: 128, temperature: 0.7}")
     assert not is_secret_override("generate.sampling.max_tokens=128")  # a token count is no token
     assert not is_secret_override("input.uri=s3://bucket/crawl/")

@@ -1,10 +1,14 @@
-"""Command line: ``bft run``, ``bft train``, ``bft report``, ``bft submit``, ``bft tiny-model``."""
+"""Command line: ``bft run``, ``bft status``, ``bft train``, ``bft report``, ``bft submit``,
+``bft tiny-model``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from bft import __version__
@@ -92,11 +96,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return max([*statuses, _run_one(cfg, args)])
 
 
+def _quietly(args: argparse.Namespace, call: Any, *call_args: Any) -> Any:
+    """``call`` with the run's console: its libraries' logs in the run's log file."""
+    from bft.progress.console import quiet_run
+
+    if args.verbose or getattr(args, "log_path", None) is None:
+        return call(*call_args)
+    with quiet_run(args.log_path, logging.WARNING if args.quiet else logging.INFO):
+        return call(*call_args)
+
+
 def _run_one(cfg: Any, args: argparse.Namespace) -> int:
     from bft.pipeline import run_pipeline
+    from bft.progress.console import default_log_path, quiet_run
+    from bft.progress.view import ProgressView
 
-    result = run_pipeline(cfg, args.run_id, from_stage=args.from_stage, from_run=args.from_run,
-                          force=args.force)
+    def run(progress: Any) -> Any:
+        return run_pipeline(cfg, args.run_id, from_stage=args.from_stage, from_run=args.from_run,
+                            force=args.force, progress=progress)
+
+    interval = args.progress_interval
+    if args.verbose:  # the logs scroll on the console; progress as lines between them
+        result = run(lambda storage, uri: ProgressView(storage, uri, sys.stdout, interval, live=False))
+    else:
+        if getattr(args, "log_path", None) is None:  # one log file for every run of this command
+            args.log_path = Path(args.log_file) if args.log_file else default_log_path()
+            print(f"logs: {args.log_path} (--verbose shows them here)")
+        with quiet_run(args.log_path, logging.WARNING if args.quiet else logging.INFO) as console:
+            result = run(None if args.quiet else
+                         (lambda storage, uri: ProgressView(storage, uri, console, interval)))
     manifest = result.manifest
     if result.skipped:
         print(f"date {cfg.date} was already processed by run {result.run_id}; nothing to do "
@@ -111,10 +139,14 @@ def _run_one(cfg: Any, args: argparse.Namespace) -> int:
     from bft.writers.parquet import DROPPED_DIR
 
     folders = " ".join(f"{folder}/" for folder in [*FOLDERS.values(), DROPPED_DIR])
+    from bft.writers.cost import cost_line
+
+    if line := cost_line(manifest.get("cost")):
+        print(line)
     print(f"outputs:  {result.run_uri}/  ({folders})")
     print(f"final dataset: {result.run_uri}/sft/")
     failed = (manifest.get("batch_failures") or {}).get("failed")
-    if not failed and args.report and (status := _report_after_run(cfg.storage, result.run_uri, cfg.report)):
+    if not failed and args.report and (status := _report_after_run(args, cfg.storage, result.run_uri, cfg.report)):
         return status
     print(f"manifest: {result.manifest_uri}")
     if failed:
@@ -136,13 +168,13 @@ def _print_report(report: Any) -> None:
     print(f"          {report.json_uri}")
 
 
-def _report_after_run(storage_cfg: Any, run_uri: str, settings: Any) -> int:
+def _report_after_run(args: argparse.Namespace, storage_cfg: Any, run_uri: str, settings: Any) -> int:
     """``bft run --report``: 4 when the report fails (the run's outputs are intact)."""
     from bft.report.build import build_report
     from bft.storage import Storage
 
     try:
-        report = build_report(Storage(storage_cfg), run_uri, settings)
+        report = _quietly(args, build_report, Storage(storage_cfg), run_uri, settings)
     except Exception as exc:  # noqa: BLE001 - a failed report must not hide the run's result
         logging.getLogger("bft").exception("report failed")
         print(f"bft: error: the report of {run_uri} failed: {_root_cause(exc)} "
@@ -165,6 +197,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     storage_cfg, settings = load_report_settings(args.config, overrides)
     _print_report(build_report(Storage(storage_cfg), args.run_uri, settings))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when the run finished and reconciled, 1 when it failed or stopped, 3 while
+    it runs (a script can wait on it)."""
+    from bft.config import load_report_settings
+    from bft.progress.snapshot import FileTallies, snapshot
+    from bft.progress.status import format_status
+    from bft.storage import Storage
+
+    storage_cfg, _ = load_report_settings(args.config, list(args.set))
+    storage = Storage(storage_cfg)
+    tallies = FileTallies(storage, args.run_uri)
+    while True:
+        progress = snapshot(storage, args.run_uri, tallies)
+        if progress.state == "not started" and not args.watch:
+            raise FileNotFoundError(f"{args.run_uri}: no run there (nothing written yet, or a wrong path)")
+        print(json.dumps(progress.to_dict(), indent=2) if args.json else format_status(progress), flush=True)
+        if not args.watch or progress.state not in ("running", "not started"):
+            break
+        time.sleep(args.watch)
+    return {"finished": 0, "running": 3, "not started": 3}.get(progress.state, 1)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -240,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="bft", description=__doc__)
     parser.add_argument("--version", action="version", version=f"bft {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress view: only warnings, errors and the summary")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's, vLLM's and bft's logs on the console (default: in a log file whose path "
+                             "is printed), with progress lines between them")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline over a corpus")
@@ -257,7 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "or has an unfinished run (which is otherwise resumed)")
     run.add_argument("--report", action="store_true",
                      help="write the quality report (<run>/report/report.html, report.json) at the end")
+    run.add_argument("--log-file", help="where the run's logs go (default: $BFT_LOG_DIR or ~/.cache/bft/logs/"
+                                        "run-<UTC time>-<pid>.log)")
+    run.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                     help="how often the progress view reads the run's files (default: 5)")
     run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="where a run stands, from its files: rows per stage, drops, throughput, "
+                                       "ETA (a running or finished run, local or s3://)")
+    st.add_argument("run_uri", help="the run folder: <output.uri>/<run_id>")
+    st.add_argument("--config", help="a run config to take storage.* settings from (S3 endpoint, credentials)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set storage.endpoint_url=http://127.0.0.1:9000")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="print it again every SECONDS until the run ends")
+    st.set_defaults(func=cmd_status)
 
     rep = sub.add_parser("report", help="write a run's quality report: report.html (self-contained) and report.json")
     rep.add_argument("run_uri", help="the run folder: <output.uri>/<run_id> (local path or s3://)")

@@ -175,6 +175,11 @@ class RunLease:
         # The interrupt on_lost sent is ours, not the user's Ctrl-C: say what happened in
         # one line instead of a KeyboardInterrupt traceback from wherever the run was.
         if self.lost_to is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+            if exc_type is None:  # the block ended first: take the interrupt still on its way here
+                try:
+                    time.sleep(0.5)
+                except KeyboardInterrupt:
+                    pass
             raise LeaseLost(
                 f"run {self.run_uri}: this driver lost its lease {self.uri} to {self.lost_to} (its renewals "
                 f"stalled past output.lease_ttl_s={self.ttl_s:.0f} s) and stopped; that driver owns the run now"

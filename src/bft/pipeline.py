@@ -4,10 +4,11 @@ and checked to reconcile."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import pyarrow.parquet as pq
 
@@ -19,9 +20,10 @@ from bft.filters.language import check_languages
 from bft.filters.token_length import token_budgets
 from bft.graph import RunFailed, run_dataset
 from bft.lease import RunLease
-from bft.planning import (RunResult, claim_date, completed_marker, landed_since, load_templates, new_run_id,
+from bft.planning import (RunResult, claim_date, completed_marker, landed_since, list_inputs, load_templates, new_run_id,
                           plan_work, previous_run_for_date, reopen_date, restart_marker, started_marker,
                           unfinished_run_for_date)
+from bft.progress.snapshot import write_attempt_record
 from bft.redaction import mask
 from bft.resume import scan_run
 from bft.seed import load_seed
@@ -29,6 +31,7 @@ from bft.stages import FOLDERS, JOINABLE, LLM_STAGES, RESTARTABLE
 from bft.steps.read import read_stats
 from bft.steps.sft import write_seed_pairs
 from bft.storage import Storage, join
+from bft.writers.cost import engine_cost
 from bft.writers.failures import first_error, read_failures
 from bft.writers.manifest import batch_failures, build_manifest, write_manifest
 from bft.writers.parquet import StageWriter
@@ -39,7 +42,10 @@ __all__ = ["RunFailed", "RunResult", "run_pipeline", "sweep_failed_batches"]
 
 
 def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str | None = None,
-                 from_run: str | None = None, force: bool = False) -> RunResult:
+                 from_run: str | None = None, force: bool = False,
+                 progress: Callable[[Storage, str], ContextManager[Any]] | None = None) -> RunResult:
+    """``progress(storage, run_uri)``: a context to run the stages in (the live progress
+    view of ``bft run``), entered once the run id and its plan are known."""
     started_at = time.time()
     storage = Storage(cfg.storage)
     reopen = False
@@ -53,11 +59,6 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
         reopen = True
     if run_id is None and not force and from_stage is None and (run_id := unfinished_run_for_date(cfg, storage)):
         log.info("date %s: run %s started earlier and did not finish; resuming it", cfg.date, run_id)
-    if run_id is None and cfg.date is not None and not force and from_stage is None:
-        if (run_id := claim_date(cfg, storage, fresh := new_run_id())) != fresh:
-            log.info("date %s: another driver started it just now as run %s; joining that run", cfg.date, run_id)
-    run_id = run_id or new_run_id()
-    run_uri = join(cfg.output.uri, run_id)
     seeds = load_seed(cfg.seed, storage) if cfg.seed.uri else None
     templates = load_templates(cfg, seeds)
     adapters = resolve_adapters(cfg, storage)
@@ -68,17 +69,26 @@ def run_pipeline(cfg: BftConfig, run_id: str | None = None, *, from_stage: str |
     check_languages(cfg.filters)
     check_platform_support(cfg, LLM_STAGES)
     storage.check_writable(cfg.output.uri)
+    if run_id is None and cfg.date is not None and not force and from_stage is None:
+        # Only a date that can run claims it (its input has landed, its config passed the
+        # checks above): a claim left by a run that could not start would be "unfinished".
+        list_inputs(cfg, storage)
+        if (run_id := claim_date(cfg, storage, fresh := new_run_id())) != fresh:
+            log.info("date %s: another driver started it just now as run %s; joining that run", cfg.date, run_id)
+    run_id = run_id or new_run_id()
+    run_uri = join(cfg.output.uri, run_id)
     # One driver per run id (lease.py): taken before anything of the run is read or written.
     command = f"bft run (date {cfg.date})" if cfg.date else "bft run"
     with RunLease(storage, run_uri, cfg.output.lease_ttl_s, command=command):
         if reopen:
             reopen_date(cfg, storage, run_id)
-        return _attempt(cfg, storage, run_id, run_uri, started_at, from_stage, from_run, seeds, templates, adapters)
+        return _attempt(cfg, storage, run_id, run_uri, started_at, from_stage, from_run, seeds, templates, adapters,
+                        progress)
 
 
 def _attempt(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, started_at: float,
              from_stage: str | None, from_run: str | None, seeds: Any, templates: dict[str, Any],
-             adapters: dict[str, Any]) -> RunResult:
+             adapters: dict[str, Any], progress: Callable[[Storage, str], ContextManager[Any]] | None) -> RunResult:
     """Plan, run and account for one attempt of a run, under its lease."""
     prompt_sha256 = {name: t.sha256 for name, t in templates.items()}
     # What else the rows depend on, checked like the config when the run is resumed.
@@ -117,7 +127,12 @@ def _attempt(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, starte
         log.info("run %s: %d input file(s) to read, stages %s -> %s; engine pools: %s", run_id,
                  len(plan.input_files), " -> ".join(plan.stages), run_uri,
                  ", ".join(f"{kind} ({' + '.join(stages)})" for kind, stages in pools))
-        run_dataset(cfg, plan, storage, run_uri, templates, budgets, adapters)
+        from_read = plan.manifest_start == "read"
+        write_attempt_record(storage, run_uri, cfg.input.uri if from_read else None, plan.input_files, started_at,
+                             None if from_read else plan.first_stage_input,
+                             resumed=plan.resume is not None or from_stage is not None)
+        with progress(storage, run_uri) if progress else contextlib.nullcontext():
+            run_dataset(cfg, plan, storage, run_uri, templates, budgets, adapters)
         add_seed_pairs()
         manifest = manifest_now()
         # Counts that do not add up after a stream that ran to its end mean batches Ray
@@ -126,6 +141,7 @@ def _attempt(cfg: BftConfig, storage: Storage, run_id: str, run_uri: str, starte
             manifest = manifest_now()
     manifest["batch_failures"] = batch_failures(manifest["stages"], cfg.ray.max_failed_share,
                                                 first_error(read_failures(storage, run_uri)))
+    manifest["cost"] = engine_cost(cfg, storage, run_uri, manifest["stages"], manifest["final_rows"])
     manifest_uri = write_manifest(storage, run_uri, manifest)
     complete = manifest["reconciled"] and not manifest["batch_failures"]["failed"]
     if manifest["reconciled"]:

@@ -21,7 +21,7 @@ from bft.lease import is_lease_file
 from bft.prompts import PromptTemplate, Shot, load_template, same_frames
 from bft.readers import ColumnMapping, InputError, ReadLimits, read_file
 from bft.redaction import mask
-from bft.resume import FinishedRows, check_same_run, scan_run, write_run_record
+from bft.resume import RUN_RECORD, FinishedRows, check_same_run, scan_run, write_run_record
 from bft.seed import SeedSet
 from bft.stages import FINAL, FOLDERS, JOINABLE, ORDER, PREVIOUS, RESTARTABLE, STEPS
 from bft.storage import INPUT_SUFFIXES, Storage, detect_format, join
@@ -59,10 +59,12 @@ def unfinished_run_for_date(cfg: BftConfig, storage: Storage) -> str | None:
     """The run id of an attempt at ``cfg.date`` that never completed, if any: a scheduled
     job that is retried (RayJob backoffLimit, a re-run by hand) resumes it instead of
     starting over."""
-    marker = started_marker(cfg)
-    if cfg.date is None or not storage.exists(marker):
+    if cfg.date is None or (data := storage.read_if_exists(started_marker(cfg))) is None:
         return None
-    return json.loads(storage.read_bytes(marker))["run_id"]
+    try:
+        return json.loads(data)["run_id"]
+    except (ValueError, KeyError):  # left unreadable by a driver that died writing it
+        return None
 
 
 def claim_date(cfg: BftConfig, storage: Storage, run_id: str) -> str:
@@ -70,9 +72,14 @@ def claim_date(cfg: BftConfig, storage: Storage, run_id: str) -> str:
     got there first (the marker is created only if absent); the run id that holds the
     date. Two fresh drivers of one date thus work on one run, and its lease lets one in."""
     body = json.dumps({"date": cfg.date, "run_id": run_id}).encode()
-    if storage.create_new(started_marker(cfg), body):
-        return run_id
-    return json.loads(storage.read_bytes(started_marker(cfg)))["run_id"]
+    for _ in range(5):
+        if storage.create_new(started_marker(cfg), body):
+            return run_id
+        if (holder := unfinished_run_for_date(cfg, storage)) is not None:
+            return holder
+        time.sleep(0.5)  # the other driver's write is still in flight (S3 409)
+    storage.write_bytes(started_marker(cfg), body)  # an unreadable marker: ours replaces it
+    return run_id
 
 
 def previous_run_for_date(cfg: BftConfig, storage: Storage) -> RunResult | None:
@@ -119,7 +126,10 @@ def earlier_unfinished_dates(load: Callable[[str], BftConfig], today: str, days:
         day = (datetime.date.fromisoformat(today) - datetime.timedelta(days=back)).isoformat()
         cfg = load(day)
         storage = Storage(cfg.storage)
-        if storage.exists(started_marker(cfg)) and not storage.exists(completed_marker(cfg)):
+        run_id = unfinished_run_for_date(cfg, storage)
+        # (a claim whose run never wrote its record did nothing: there is nothing to finish)
+        if run_id is not None and not storage.exists(completed_marker(cfg)) and \
+                storage.exists(join(cfg.output.uri, run_id, RUN_RECORD)):
             found.append(cfg)
     return found
 

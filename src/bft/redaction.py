@@ -45,7 +45,8 @@ def is_secret_override(item: str) -> bool:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    return any(_is_secret_leaf(k, v) for k, v in _leaves(key, parsed)) or bool(URL_USERINFO_RE.search(value))
+    return (_is_secret_leaf(key, value) or any(_is_secret_leaf(k, v) for k, v in _leaves(key, parsed))
+            or bool(URL_USERINFO_RE.search(value)))
 
 
 def _leaves(key: str, value: Any) -> Iterator[tuple[str, Any]]:

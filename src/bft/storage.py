@@ -38,6 +38,17 @@ class StorageError(RuntimeError):
     that cannot read its input or write its output."""
 
 
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an error s3fs raised (it keeps botocore's as the cause)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = (getattr(seen, "response", None) or {}).get("Error", {}).get("Code")
+        if code:
+            return str(code)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _cause(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "it does not exist"
@@ -139,6 +150,23 @@ class Storage:
         except (PermissionError, ConnectionError) as exc:  # retries are spent by now
             raise StorageError(f"{uri}: cannot list it: {_cause(exc)}") from None
 
+    def list_sizes(self, uri: str) -> dict[str, int]:
+        """Like :meth:`list_files`, with each file's size, from one listing (progress and
+        ``bft status`` poll a run with it: a changed size tells a rewritten file)."""
+        fs = self.fs(uri)
+        path = self._path(uri)
+        try:
+            if not fs.exists(path):
+                return {}
+            if not fs.isdir(path):
+                return {uri: int(fs.info(path)["size"])}
+            fs.invalidate_cache(path)
+            return {self._uri(uri, p): int(info.get("size") or 0)
+                    for p, info in sorted(fs.find(path, detail=True).items())
+                    if TMP_MARKER not in p.rsplit("/", 1)[-1]}
+        except (PermissionError, ConnectionError) as exc:
+            raise StorageError(f"{uri}: cannot list it: {_cause(exc)}") from None
+
     def read_bytes(self, uri: str) -> bytes:
         with self.open(uri, "rb") as fh:
             return fh.read()
@@ -190,18 +218,21 @@ class Storage:
             except OSError as exc:
                 # 412 PreconditionFailed, or 409 ConditionalRequestConflict when another
                 # conditional write to the key is in flight: either way it was not ours.
-                if any(code in str(exc) for code in ("PreconditionFailed", "ConditionalRequestConflict",
-                                                     "412", "409")):
+                if _s3_error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
                 raise
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-        with self._local_lock(path):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+        # Written whole under another name, then linked into place (link fails if the name
+        # exists): the file never exists empty or half-written, even if this process dies.
+        tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex}"
+        Path(tmp).write_bytes(data)
+        try:
+            with self._local_lock(path):
+                os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
         return True
 
     def read_versioned(self, uri: str) -> tuple[bytes, str] | None:

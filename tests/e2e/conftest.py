@@ -93,10 +93,13 @@ class BftRun:
         return last[len("manifest: "):]
 
 
-def run_bft(*args: str, env: dict[str, str] | None = None, timeout: int = 900) -> BftRun:
+def run_bft(*args: str, env: dict[str, str] | None = None, timeout: int = 900, verbose: bool = True) -> BftRun:
+    """``verbose``: with ``bft --verbose`` (Ray's and the engines' logs on the console, where
+    most tests look for them); ``False`` runs with the default quiet console."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)  # always a fresh local instance
-    proc = subprocess.run([sys.executable, "-m", "bft.cli", *args], cwd=ROOT, env=full_env,
+    proc = subprocess.run([sys.executable, "-m", "bft.cli", *(["--verbose"] if verbose else []), *args],
+                          cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     return BftRun(proc.returncode, proc.stdout, proc.stderr)
 
@@ -206,11 +209,13 @@ class BftProcess:
     """``bft`` in a session of its own (so everything it starts can be killed with it),
     its stdout and stderr read line by line; ``on_line`` callbacks see each line."""
 
-    def __init__(self, args: list[str], env: dict[str, str], on_line: list[Callable[[str, int], None]] = ()):
+    def __init__(self, args: list[str], env: dict[str, str], on_line: list[Callable[[str, int], None]] = (),
+                 verbose: bool = True):
         full_env = {**os.environ, **env}
         full_env.pop("RAY_ADDRESS", None)
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *args], cwd=ROOT, env=full_env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "bft.cli", *(["--verbose"] if verbose else []), *args],
+                                     cwd=ROOT, env=full_env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      errors="replace", start_new_session=True)
         self.on_line = list(on_line)

@@ -13,6 +13,7 @@ rejoining at sft, exit status 3 and 4, a resume refused for a changed config. La
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 import secrets
@@ -195,8 +196,13 @@ def test_one_shared_engine_served_every_pass_from_its_prefix_cache(job):
     files = job["files"]
     assert files.manifest["engines"] == [{"stages": ["generate", "curate", "rewrite"], "kind": "shared"}]
     # this run's engine was vLLM's async one, its core in a process of its own
-    logs = job["proc"].stdout + job["proc"].stderr
+    console = job["proc"].stdout + job["proc"].stderr
+    # the job's console is quiet: Ray's and the engines' logs are in the file it names
+    log_file = re.search(r"^logs: (\S+) \(--verbose shows them here\)", console, re.M)
+    assert log_file, console[-2000:]
+    logs = Path(log_file.group(1)).read_text()
     assert "(EngineCore pid=" in logs and "shared engine up" in logs
+    assert "(EngineCore pid=" not in console and "progress: " in console
     for stage in ("curate", "rewrite"):
         assert all(r[f"{stage}_cached_tokens"] <= r[f"{stage}_prompt_tokens"] for r in files.kept[stage])
     rows = files.kept["rewrite"]

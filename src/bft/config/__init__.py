@@ -16,7 +16,7 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
-    **dict.fromkeys(["REDACTED", "ConfigError", "EngineConfig", "FewShotConfig", "FilterConfig", "InputConfig",
+    **dict.fromkeys(["REDACTED", "ConfigError", "CostConfig", "EngineConfig", "FewShotConfig", "FilterConfig", "InputConfig",
                      "LLMStageConfig", "NearDedupConfig", "OutputConfig", "RayConfig", "ReportConfig", "ResourcesConfig", "SamplingConfig",
                      "SeedConfig", "StageConfig", "StorageConfig", "TrainConfig"], "models"),
     "BftConfig": "run",

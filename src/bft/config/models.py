@@ -501,6 +501,14 @@ class RayConfig(_Strict):
     marked complete. Running the same command again retries those rows."""
 
 
+class CostConfig(_Strict):
+    """What a run's engines cost (manifest ``cost``, the summary and the report)."""
+
+    gpu_hour_usd: float | None = Field(default=None, ge=0)
+    """Price of one GPU for an hour, e.g. ``2.5``; with it the summary and the report give the
+    estimated cost per 1,000 final pairs. ``None``: GPU-seconds only."""
+
+
 class ReportConfig(_Strict):
     """The quality report (``bft report RUN_URI``, ``bft run --report``)."""
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from bft.config.models import (EngineConfig, redact_value, FilterConfig, InputConfig,
+from bft.config.models import (CostConfig, EngineConfig, redact_value, FilterConfig, InputConfig,
                                LLMStageConfig, OutputConfig, RayConfig, ReportConfig, SeedConfig, StorageConfig,
                                TrainConfig, _Strict)
 from bft.stages import LLM_STAGES, STEPS
@@ -57,6 +57,9 @@ class _RunSettings(_Strict):
 
     report: ReportConfig = Field(default_factory=ReportConfig)
     """The quality report of a run."""
+
+    cost: CostConfig = Field(default_factory=CostConfig)
+    """GPU pricing for the cost estimate."""
 
     def llm_stage(self, name: str) -> LLMStageConfig:
         """The section of LLM stage ``name``."""

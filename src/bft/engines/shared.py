@@ -33,6 +33,7 @@ from bft.schema import to_table
 from bft.stages import COLUMNS, PREVIOUS
 from bft.steps.llm import EngineReply
 from bft.writers.failures import error_line, record_failure
+from bft.writers.replica_time import ReplicaClock
 
 # The pass a row starts at, on its way into the pool.
 ENTRY_COLUMN = "__entry"
@@ -71,11 +72,14 @@ class SharedEngine:
         _log_to_stderr()
         self.passes = Passes(names, ctx.config, ctx.templates)
         self.writer = ctx.writer
+        stage = ctx.config.llm_stage(names[0])
+        # from before the engine loads: the accelerators are held from then on
+        self.clock = ReplicaClock(ctx.storage, ctx.run_uri, names,
+                                  stage.resources.gpus_per_worker * stage.workers_per_replica)
         # Each stage's adapter (if any) runs on this one engine, next to the base weights.
         adapters = {name: ctx.adapters[name] for name in names if name in ctx.adapters}
         ids = {sha: i for i, sha in enumerate(sorted({a.sha256 for a in adapters.values()}), start=1)}
         self.lora = {name: lora_request(ctx.storage, a, ids[a.sha256]) for name, a in adapters.items()}
-        stage = ctx.config.llm_stage(names[0])
         self.engine = start_engine(stage, engine_lora_kwargs(list(adapters.values()), stage.engine_kwargs))
         self.request_ids = itertools.count()
         self.first_request: set[str] = set()
@@ -98,6 +102,7 @@ class SharedEngine:
 
     async def write(self, stage: str, kept: list[dict], dropped: list[dict], started: float, replace: bool) -> None:
         await asyncio.to_thread(self.writer.write, stage, kept, dropped, started, replace)
+        await asyncio.to_thread(self.clock.tick)
         log.info("wrote %s batch: %d kept, %d dropped (pid %d)", stage, len(kept), len(dropped), os.getpid())
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:

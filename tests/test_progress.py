@@ -1,0 +1,157 @@
+"""Issue 18: the progress view, the quiet console with its log file, and ``bft status``,
+with the real CLI, planning, storage and manifest and the executor faked (as in
+test_planning.py): the fake reads the input files for real, writes stage files the way the
+stages do, and can look at the run from inside, as another terminal would."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from bft import pipeline
+from bft.cli import main
+from bft.readers import ColumnMapping, read_file
+from bft.steps.read import stats_uri
+from bft.writers.parquet import StageWriter
+
+DOCS_PER_FILE = 4
+
+
+def fake_run(pause_s: float = 0.0, look=None):
+    """A run_dataset that, per input file, drops every document at filter except one that
+    goes on to generate; ``look(run_uri, files_done)`` is called after each file."""
+
+    def run_dataset(cfg, plan, storage, run_uri, templates, budgets, adapters=None):
+        writer = StageWriter(storage, run_uri)
+        for n, uri in enumerate(plan.input_files, start=1):
+            for docs, drops, stats in read_file(storage, uri, "auto", ColumnMapping(), 100):
+                writer.write("read", [], drops, time.time())
+                kept = [{**docs[0], "n_chars": 1, "n_tokens": 1}]
+                writer.write("filter", kept, [{**d, "reason": "too_short", "detail": "fake"} for d in docs[1:]],
+                             time.time())
+                writer.write("generate", [], [{**kept[0], "reason": "no_instruction", "detail": "fake",
+                                                "prompt_tokens": 10, "completion_tokens": 5}], time.time())
+            storage.write_bytes(stats_uri(run_uri, uri), json.dumps(
+                {"source": uri, "rows_seen": stats.rows_seen, "rows_ok": stats.rows_ok,
+                 "started_at": time.time(), "finished_at": time.time()}).encode())
+            if look:
+                look(run_uri, n)
+            time.sleep(pause_s)
+
+    return run_dataset
+
+
+@pytest.fixture()
+def corpus(tmp_path, minimal_config_data):
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "in" / f"{name}.jsonl").write_text("\n".join(
+            json.dumps({"id": f"{name}{i}", "text": f"document {name} {i}"}) for i in range(DOCS_PER_FILE)) + "\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**minimal_config_data, "input": {"uri": str(tmp_path / "in")},
+                                      "output": {"uri": str(tmp_path / "runs")}}))
+    return config
+
+
+def status(run_uri: str, *args: str) -> subprocess.CompletedProcess:
+    """``bft status`` from another process, as from another terminal."""
+    return subprocess.run([sys.executable, "-m", "bft.cli", "status", run_uri, *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def status_json(run_uri: str) -> tuple[int, dict]:
+    proc = status(run_uri, "--json")
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_status_during_and_after_a_run(corpus, tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def look(run_uri, files_done):
+        if files_done == 1:  # half the input read, the driver still holding the run
+            seen["code"], seen["during"] = status_json(run_uri)
+            seen["text"] = status(run_uri).stdout
+
+    monkeypatch.setattr(pipeline, "run_dataset", fake_run(look=look))
+    assert main(["run", str(corpus), "--run-id", "r1"]) == 0
+    during = seen["during"]
+    assert seen["code"] == 3 and during["state"] == "running" and "pid" in during["detail"]
+    assert during["input_files"] == {"total": 2, "read": 1}
+    # rows of one file: three dropped at filter, one at generate; the other file's by its size
+    assert during["stages"]["filter"] == {"done": DOCS_PER_FILE, "out": 1, "dropped": {"too_short": 3}, "tokens": 0}
+    assert during["rows_done"] == DOCS_PER_FILE and during["expected_rows"] == 2 * DOCS_PER_FILE
+    assert during["fraction"] == pytest.approx(0.5) and during["eta_s"] is not None
+    assert "running" in seen["text"] and "ETA:" in seen["text"] and "too_short=3" in seen["text"]
+
+    code, after = status_json(str(tmp_path / "runs" / "r1"))
+    assert code == 0 and after["state"] == "finished" and after["fraction"] == 1.0
+    assert after["rows_done"] == after["expected_rows"] == 2 * DOCS_PER_FILE
+    manifest = json.loads((tmp_path / "runs" / "r1" / "manifest.json").read_text())
+    # the same counts as the manifest, which reads every row
+    for stage, entry in manifest["stages"].items():
+        if stage != "read":
+            assert after["stages"][stage]["out"] == entry["out"], stage
+            assert after["stages"][stage]["dropped"] == entry["dropped_by_reason"], stage
+    assert after["dropped_by_reason"] == manifest["dropped_by_reason"]
+    assert after["stages"]["generate"]["tokens"] == 2 * 15
+
+
+def test_status_of_a_run_whose_driver_died_says_how_to_resume(corpus, tmp_path, monkeypatch, capsys):
+    def dies(run_uri, files_done):
+        raise RuntimeError("driver killed")
+
+    monkeypatch.setattr(pipeline, "run_dataset", fake_run(look=dies))
+    with pytest.raises(RuntimeError):
+        main(["run", str(corpus), "--run-id", "r2"])
+    code, state = status_json(str(tmp_path / "runs" / "r2"))
+    assert code == 1 and state["state"] == "stopped" and "run the same command again" in state["detail"]
+    assert main(["status", str(tmp_path / "runs" / "nothing")]) == 2
+    assert "no run there" in capsys.readouterr().err
+
+
+def test_the_progress_view_prints_lines_off_a_terminal(corpus, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_dataset", fake_run(pause_s=0.4))
+    assert main(["run", str(corpus), "--run-id", "r3", "--progress-interval", "0.1"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("progress: ")]
+    assert len(lines) >= 2, lines
+    assert "read 1/2 files" in " ".join(lines)  # seen part-way
+    assert "read 2/2 files" in lines[-1] and f"{2 * DOCS_PER_FILE}/{2 * DOCS_PER_FILE} rows done" in lines[-1]
+    assert len(set(lines)) == len(lines)  # nothing repeated
+
+
+def test_the_console_stays_quiet_and_the_log_file_has_the_rest(corpus, tmp_path, monkeypatch, capfd):
+    noise = fake_run()
+
+    def noisy(*args, **kwargs):
+        print("a library printing to stdout")
+        logging.getLogger("ray.data").info("ray data chatter")
+        os.write(2, b"native code writing to fd 2\n")
+        sys.stderr.write("(MapWorker pid=1) 2026-01-01 00:00:00,000 ERROR worker line that is an error\n")
+        logging.getLogger("ray").error("an error from ray")
+        logging.getLogger("bft").info("bft's own note")
+        noise(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_dataset", noisy)
+    log = tmp_path / "run.log"
+    assert main(["run", str(corpus), "--run-id", "r4", "--log-file", str(log)]) == 0
+    out, err = capfd.readouterr()
+    console = out + err
+    assert f"logs: {log} (--verbose shows them here)" in console
+    for quiet in ("a library printing to stdout", "ray data chatter", "native code writing to fd 2"):
+        assert quiet not in console and quiet in log.read_text(), quiet
+    for loud in ("worker line that is an error", "an error from ray", "bft's own note"):
+        assert loud in console and loud in log.read_text(), loud
+    assert "SFT examples" in console and "counts reconcile: yes" in console  # the summary
+
+    capfd.readouterr()
+    assert main(["--verbose", "run", str(corpus), "--run-id", "r5", "--log-file", str(tmp_path / "v.log")]) == 0
+    assert "a library printing to stdout" in capfd.readouterr().out
+    assert not (tmp_path / "v.log").exists()
