@@ -10,7 +10,7 @@ TINY   := .cache/tiny-model
 CHROMIUM ?= /usr/bin/chromium
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test test-unit test-stock-ray test-train venv clean
+.PHONY: demo test test-unit test-stock-ray test-train test-autoscale venv clean
 
 venv: $(VENV)/.installed
 
@@ -34,7 +34,7 @@ demo: $(VENV)/.installed $(TINY)/config.json
 	$(BFT) run examples/quickstart.yaml --report
 
 test: $(VENV)/.installed $(TINY)/config.json $(CHROMIUM)
-	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs --durations=10 -m "not stock_ray and not train"
+	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs --durations=10 -m "not stock_ray and not train and not autoscale"
 
 # The benchmark's small run with every arm, the stock-Ray ones too (CI runs it after `make test`).
 test-stock-ray: $(VENV)/.installed $(TINY)/config.json
@@ -43,6 +43,10 @@ test-stock-ray: $(VENV)/.installed $(TINY)/config.json
 # `bft train` end to end: Ray Train runs, a kill and resume, runs with the adapters (CI runs it).
 test-train: $(VENV)/.installed $(TINY)/config.json
 	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs -m train
+
+# Ray's autoscaler (fake multi-node provider) adding and removing nodes for a run (CI runs it).
+test-autoscale: $(VENV)/.installed $(TINY)/config.json
+	BFT_TINY_MODEL=$(abspath $(TINY)) $(PY) -m pytest -v -rs -s -m autoscale
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -v -m "not e2e"

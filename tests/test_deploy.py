@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -53,6 +54,16 @@ def test_cluster_yaml_starts_every_node_with_token_auth_and_a_loopback_dashboard
             assert "RAY_AUTH_MODE=token" in command and f"RAY_AUTH_TOKEN_PATH={token_file}" in command, command
     head_start = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in str(config)
+
+
+def test_the_documented_token_command_writes_the_file_the_nodes_read(tmp_path):
+    """deploy/README.md: `RAY_AUTH_MODE=token ray get-auth-token --generate` before `ray up`."""
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    proc = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    token = (tmp_path / ".ray" / "auth_token").read_text().strip()
+    assert len(token) >= 32 and "ray get-auth-token --generate" in (ROOT / "deploy" / "README.md").read_text()
 
 
 def test_image_has_no_passwordless_sudo():

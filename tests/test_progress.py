@@ -155,3 +155,36 @@ def test_the_console_stays_quiet_and_the_log_file_has_the_rest(corpus, tmp_path,
     assert main(["--verbose", "run", str(corpus), "--run-id", "r5", "--log-file", str(tmp_path / "v.log")]) == 0
     assert "a library printing to stdout" in capfd.readouterr().out
     assert not (tmp_path / "v.log").exists()
+
+
+def test_gpu_seconds_split_by_tokens_and_estimated_for_pools_that_report_none(tmp_path, tiny_model):
+    from bft.config import StorageConfig, load_config
+    from bft.storage import Storage
+    from bft.writers.cost import cost_line, engine_cost
+    from bft.writers.replica_time import REPLICAS_DIR
+
+    cfg = load_config(None, [f"model={tiny_model}", "cost.gpu_hour_usd=3.6", "rewrite.replicas=[1, 2]",
+                             "rewrite.resources.gpus_per_worker=1"])
+    folder = tmp_path / REPLICAS_DIR
+    folder.mkdir(parents=True)
+    # one shared replica of generate + curate, up 100 s on 2 GPUs; rewrite's ray.data.llm pool left no record
+    (folder / "a.json").write_text(json.dumps({"stages": ["generate", "curate"], "gpus": 2,
+                                               "started_at": 1000.0, "last_active": 1100.0}))
+    stages = {"generate": {"in": 10, "prompt_tokens": 200, "completion_tokens": 100, "wall_s": 50},
+              "curate": {"in": 10, "prompt_tokens": 80, "completion_tokens": 20, "wall_s": 40},
+              "rewrite": {"in": 5, "prompt_tokens": 10, "completion_tokens": 10, "wall_s": 10}}
+    cost = engine_cost(cfg, Storage(StorageConfig()), str(tmp_path), stages, final_rows=40)
+    assert cost["replica_seconds"] == {"generate": 75.0, "curate": 25.0, "rewrite": 20.0}
+    assert cost["gpu_seconds"] == {"generate": 150.0, "curate": 50.0, "rewrite": 20.0}
+    assert cost["measured"] == {"generate": True, "curate": True, "rewrite": False}
+    assert cost["usd"] == pytest.approx(220 / 3600 * 3.6) and cost["usd_per_1000_pairs"] == pytest.approx(5.5)
+    line = cost_line(cost)
+    assert "220 GPU-seconds" in line and "estimated for rewrite" in line and "$5.50 per 1,000 pairs" in line
+
+
+def test_status_watch_ends_with_the_run_and_quiet_has_no_progress_view(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_dataset", fake_run(pause_s=0.3))
+    assert main(["-q", "run", str(corpus), "--run-id", "r6", "--progress-interval", "0.1"]) == 0
+    assert "progress: " not in capsys.readouterr().err
+    watched = status(str(tmp_path / "runs" / "r6"), "--watch", "1")
+    assert watched.returncode == 0 and watched.stdout.count("run ") == 1 and ": finished" in watched.stdout

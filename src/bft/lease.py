@@ -52,7 +52,7 @@ def is_lease_file(uri: str, run_uri: str) -> bool:
     return uri.startswith(lease_uri(run_uri))  # the lease and its local lock file
 
 
-def _process_gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +101,7 @@ class RunLease:
         age = time.time() - float(lease.get("renewed_at", 0))
         if age > float(lease.get("ttl_s", self.ttl_s)):
             return f"last renewed {age:.0f} s ago"
-        if lease.get("host") == self.host and isinstance(lease.get("pid"), int) and _process_gone(lease["pid"]):
+        if lease.get("host") == self.host and isinstance(lease.get("pid"), int) and process_gone(lease["pid"]):
             return f"its process {lease['pid']} on this machine has ended"
         return None
 

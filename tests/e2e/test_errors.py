@@ -4,6 +4,8 @@ and the commands that need no run."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -111,14 +113,31 @@ def test_a_second_driver_on_a_running_run_is_refused_naming_the_first(tmp_path, 
     out = tmp_path / "out"
     args = ["run", "examples/quickstart.yaml", "--run-id", "one-run", "--set", f"output.uri={out}",
             f"--set=model={tiny_model}"]
-    first = BftProcess(args, {})
+    first = BftProcess(args, {}, verbose=False)  # the default console, as a user sees it
     lease = out / "one-run" / "_run" / "lease.json"
     first.wait_until(lease.exists, "the first driver's lease")
     second = run_bft(*args)
     assert second.returncode == 2, second.stderr[-3000:]
     assert "is being worked on by another driver" in second.stderr
     assert f"pid {first.proc.pid};" in second.stderr and "Started a local Ray instance" not in second.stderr
+    # Issue 18: `bft status` from another terminal while it runs, and after
+    during = run_bft("status", str(out / "one-run"), "--json")
+    assert during.returncode == 3 and json.loads(during.stdout)["state"] == "running", during.stdout + during.stderr
     assert first.wait() == 0, first.output[-3000:]
     assert not lease.exists()  # given back at the end
     manifest = json.loads((out / "one-run" / "manifest.json").read_text())
     assert manifest["reconciled"] and manifest["final_rows"] > 0
+    after = run_bft("status", str(out / "one-run"), "--json")
+    status = json.loads(after.stdout)
+    assert after.returncode == 0 and status["state"] == "finished"
+    assert status["final_rows"] == manifest["final_rows"] and status["dropped_by_reason"] == manifest["dropped_by_reason"]
+    assert {s: v["out"] for s, v in status["stages"].items() if s != "read"} == \
+        {s: v["out"] for s, v in manifest["stages"].items() if s != "read"}
+    # Issue 18: the console held the progress and the summary; Ray's and vLLM's logs went to the file
+    console = first.output
+    log_file = Path(re.search(r"^logs: (\S+) ", console, re.M).group(1))
+    logs = log_file.read_text()
+    assert "shared engine up" in logs and "Started a local Ray instance" in logs
+    assert "pid=" not in console and "Started a local Ray instance" not in console
+    assert "progress: " in console and "SFT examples" in console and "engine time:" in console
+    assert len(console.splitlines()) <= 40, console

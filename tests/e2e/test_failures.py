@@ -71,9 +71,13 @@ def interrupted_twice(s3_corpus, s3_baseline, s3_config, s3_server, tiny_model, 
     # 1. SIGKILL the driver once the original of the duplicate pair is filtered.
     first = BftProcess(cmd, env_for(s3_server, s3_server.endpoint))
     first.wait_until(lambda: original_filtered(fs, RESUME_DATE), f"{ORIGINAL_ID} in filtered/")
-    first.kill()
     run_id = started_run(fs, RESUME_DATE)
     run = f"{runs_folder(RESUME_DATE)}/{run_id}"
+    # Issue 18: `bft status` of the S3 run while its driver works, and once it is dead
+    status = ("status", f"s3://{run}", "--json", "--config", str(s3_config))
+    during = run_bft(*status, env=env_for(s3_server, s3_server.endpoint))
+    first.kill()
+    killed = run_bft(*status, env=env_for(s3_server, s3_server.endpoint))
     time.sleep(1)  # let the S3 server finish writes that were in flight
     after_kill = RunFiles(fs, run)
     (logs / "attempt-1.log").write_text(first.output)
@@ -99,6 +103,7 @@ def interrupted_twice(s3_corpus, s3_baseline, s3_config, s3_server, tiny_model, 
         faults = {"counts": dict(proxy.counts), "recovered": dict(proxy.recovered), "unrecovered": proxy.unrecovered}
     (logs / "attempt-3.log").write_text(third.output)
     return {"run_id": run_id, "run": run, "inputs": inputs, "after_kill": after_kill, "first": first,
+            "status_during": during, "status_killed": killed,
             "second": second, "second_status": second_status, "engine_killed": kill, "after_failure": after_failure,
             "third": third, "third_status": third_status, "replaced": replaced, "faults": faults,
             "final": RunFiles(fs, run)}
@@ -187,6 +192,15 @@ def test_interrupted_run_ends_as_if_it_had_not_been(interrupted_twice, s3_baseli
     # one run for the date: no attempt started a second one
     assert sorted(fs.ls(runs, refresh=True)) == sorted(f"{runs}/{n}" for n in ("_completed", "_started", t["run_id"]))
     assert S3_SECRET not in t["first"].output + t["second"].output + t["third"].output
+
+
+def test_status_of_the_s3_run_while_it_runs_and_once_its_driver_is_killed(interrupted_twice):
+    during, killed = interrupted_twice["status_during"], interrupted_twice["status_killed"]
+    assert during.returncode == 3, during.stdout + during.stderr
+    now = json.loads(during.stdout)
+    assert now["state"] == "running" and now["stages"]["filter"]["out"] >= 1  # the original was filtered
+    assert now["input_files"]["total"] == len(interrupted_twice["inputs"]) and now["elapsed_s"] > 0
+    assert killed.returncode == 1 and json.loads(killed.stdout)["state"] == "stopped", killed.stdout
 
 
 def test_killed_engine_is_replaced_and_leaves_no_orphan(interrupted_twice):

@@ -128,6 +128,23 @@ def test_final_messages_and_provenance(s3_baseline):
         assert row["id"] == source["id"] and row["score"] == source["score"] >= 1
 
 
+def test_bft_status_of_the_finished_s3_run_agrees_with_its_manifest(s3_baseline, s3_config, s3_server):
+    from .s3_runs import env_for
+
+    run = f"s3://{runs_folder(BASELINE_DATE)}/{s3_baseline.run_id}"
+    result = run_bft("status", run, "--json", "--config", str(s3_config), env=env_for(s3_server, s3_server.endpoint))
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, manifest = json.loads(result.stdout), s3_baseline.files.manifest
+    assert status["state"] == "finished" and status["final_rows"] == manifest["final_rows"]
+    assert status["dropped_by_reason"] == manifest["dropped_by_reason"]
+    assert status["input_files"]["read"] == status["input_files"]["total"] == manifest["input_files"]
+    for stage in ("generate", "curate", "rewrite"):
+        entry = manifest["stages"][stage]
+        assert status["stages"][stage]["tokens"] == entry["prompt_tokens"] + entry["completion_tokens"], stage
+    # the engine time of ray.data.llm pools (this run's layout) is an estimate, and says so
+    assert manifest["cost"]["measured"] == {"generate": False, "curate": False, "rewrite": False}
+
+
 def test_quality_report_matches_the_files_and_renders(s3_baseline, s3_corpus, tmp_path):
     fs, _ = s3_corpus
     run = f"{runs_folder(BASELINE_DATE)}/{s3_baseline.run_id}"

@@ -11,6 +11,7 @@ one listing plus the files written since the last look.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from bft.lease import lease_uri
+from bft.lease import lease_uri, process_gone
 from bft.stages import FINAL, FOLDERS, LLM_STAGES, ORDER
 from bft.steps.read import STATS_DIR, read_stats
 from bft.storage import Storage, join
@@ -197,7 +198,10 @@ def _json(storage: Storage, uri: str) -> dict[str, Any] | None:
 
 def _state(storage: Storage, run_uri: str, others: dict[str, int], now: float) -> tuple[str, str]:
     lease = _json(storage, lease_uri(run_uri)) if "_run/lease.json" in others else None
-    if lease is not None and now - float(lease.get("renewed_at", 0)) <= float(lease.get("ttl_s", 120)):
+    # a lease renewed lately, and not of a process of this machine that has ended
+    if lease is not None and now - float(lease.get("renewed_at", 0)) <= float(lease.get("ttl_s", 120)) and not (
+            lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int)
+            and process_gone(lease["pid"])):
         return "running", f"driver {lease.get('host', '?')} pid {lease.get('pid', '?')} ({lease.get('command', 'bft run')})"
     manifest = _json(storage, join(run_uri, MANIFEST_NAME)) if MANIFEST_NAME in others else None
     if manifest is not None:

@@ -17,6 +17,7 @@ from bft.report.faithfulness import faithfulness
 from bft.report.run_data import RunData, check_run_folder, load_run, read_manifest
 from bft.storage import Storage, join
 from bft.tokenization import count_tokens, load_tokenizer
+from bft.writers.cost import cost_line
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ def build_report(storage: Storage, run_uri: str, settings: ReportConfig | None =
         "examples": _examples(data.sample, settings.examples, settings.seed),
         "throughput": counts.throughput(manifest),
         "engines": (manifest or {}).get("engines"),
+        # GPU-seconds per stage and, with cost.gpu_hour_usd, the cost per 1,000 pairs
+        "cost": (manifest or {}).get("cost"),
         # What made the pairs: each stage's model and LoRA adapter (path + digest), and
         # the seed pairs added to the dataset (output.seed_mix, not in the measures above).
         "models": (manifest or {}).get("models"),
@@ -166,6 +169,8 @@ def key_figures(report: dict[str, Any]) -> str:
         f"responses: median copied trigram share {faith['copied_trigram_share'].get('median')}, "
         f"{faith['responses_with_unsupported_tokens']}/{faith['n']} with numbers/names not in the document",
     ]
+    if line := cost_line(report.get("cost")):
+        lines.append(line)
     emb = report["embeddings"]
     lines.append("embeddings: " + (
         f"mean cosine distance instructions {emb['instructions']['mean_pairwise_cosine_distance']}, "

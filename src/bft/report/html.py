@@ -9,6 +9,8 @@ from importlib import resources
 from string import Template
 from typing import Any
 
+from bft.writers.cost import cost_line
+
 TEXT_LIMIT = 700  # characters of a document/response shown in a table cell
 
 
@@ -186,7 +188,8 @@ def _throughput(r: dict[str, Any], figures: dict[str, bytes]) -> str:
               "report them).</p>"
             + f'<div class="figures">{_img(figures, "throughput", "throughput per stage")}</div>'
             + _table(["stage", "in", "out", "wall s", "rows/s", "prompt tokens", "cached prompt tokens",
-                      "prefix cache hits", "completion tokens", "completion tok/s"], rows))
+                      "prefix cache hits", "completion tokens", "completion tok/s"], rows)
+            + (f'<p class="cost">{escape(line)}.</p>' if (line := cost_line(r.get("cost"))) else ""))
 
 
 def _models(r: dict[str, Any]) -> str:

@@ -26,15 +26,27 @@ class ReplicaClock:
         self.storage, self.stages, self.gpus = storage, list(stages), gpus
         self.uri = join(run_uri, REPLICAS_DIR, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
         self.started_at = time.time()
+        self.node_id = _node_id()
         self.tick()
 
     def tick(self) -> None:
         """The replica was busy until now. Never raises: the accounting must not fail a batch."""
-        record = {"stages": self.stages, "gpus": self.gpus, "started_at": self.started_at, "last_active": time.time()}
+        record = {"stages": self.stages, "gpus": self.gpus, "node_id": self.node_id, "started_at": self.started_at,
+                  "last_active": time.time()}
         try:
             self.storage.write_bytes(self.uri, json.dumps(record).encode())
         except Exception:  # noqa: BLE001
             pass
+
+
+def _node_id() -> str | None:
+    """The Ray node the replica runs on (where the autoscaler put it)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def read_replicas(storage: Storage, run_uri: str) -> list[dict[str, Any]]:
