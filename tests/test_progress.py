@@ -60,10 +60,10 @@ def corpus(tmp_path, minimal_config_data):
     return config
 
 
-def status(run_uri: str, *args: str) -> subprocess.CompletedProcess:
+def status(run_uri: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     """``bft status`` from another process, as from another terminal."""
     return subprocess.run([sys.executable, "-m", "bft.cli", "status", run_uri, *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=cwd)
 
 
 def status_json(run_uri: str) -> tuple[int, dict]:
@@ -102,6 +102,9 @@ def test_status_during_and_after_a_run(corpus, tmp_path, monkeypatch, capsys):
             assert after["stages"][stage]["dropped"] == entry["dropped_by_reason"], stage
     assert after["dropped_by_reason"] == manifest["dropped_by_reason"]
     assert after["stages"]["generate"]["tokens"] == 2 * 15
+    for relative in ("runs/r1", "./runs/r1/"):  # as the README writes it
+        proc = status(relative, "--json", cwd=tmp_path)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["state"] == "finished", relative
 
 
 def test_status_of_a_run_whose_driver_died_says_how_to_resume(corpus, tmp_path, monkeypatch, capsys):
@@ -118,7 +121,7 @@ def test_status_of_a_run_whose_driver_died_says_how_to_resume(corpus, tmp_path, 
 
 
 def test_the_progress_view_prints_lines_off_a_terminal(corpus, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "run_dataset", fake_run(pause_s=0.4))
+    monkeypatch.setattr(pipeline, "run_dataset", fake_run(pause_s=1.0))
     assert main(["run", str(corpus), "--run-id", "r3", "--progress-interval", "0.1"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("progress: ")]
     assert len(lines) >= 2, lines
@@ -132,10 +135,16 @@ def test_the_console_stays_quiet_and_the_log_file_has_the_rest(corpus, tmp_path,
 
     def noisy(*args, **kwargs):
         print("a library printing to stdout")
-        logging.getLogger("ray.data").info("ray data chatter")
+        # a library logger with a console handler of its own, made once the run started
+        # (as Ray's is: bft imports Ray inside the run), not propagating (as Ray's does not)
+        lib = logging.getLogger("somelib")
+        lib.addHandler(logging.StreamHandler(sys.stderr))
+        lib.propagate, lib.level = False, logging.INFO
+        lib.info("library chatter")
         os.write(2, b"native code writing to fd 2\n")
         sys.stderr.write("(MapWorker pid=1) 2026-01-01 00:00:00,000 ERROR worker line that is an error\n")
-        logging.getLogger("ray").error("an error from ray")
+        lib.error("ERROR an error from the library")
+        logging.getLogger("urllib3").error("an error record from a library")
         logging.getLogger("bft").info("bft's own note")
         noise(*args, **kwargs)
 
@@ -145,9 +154,10 @@ def test_the_console_stays_quiet_and_the_log_file_has_the_rest(corpus, tmp_path,
     out, err = capfd.readouterr()
     console = out + err
     assert f"logs: {log} (--verbose shows them here)" in console
-    for quiet in ("a library printing to stdout", "ray data chatter", "native code writing to fd 2"):
+    for quiet in ("a library printing to stdout", "library chatter", "native code writing to fd 2"):
         assert quiet not in console and quiet in log.read_text(), quiet
-    for loud in ("worker line that is an error", "an error from ray", "bft's own note"):
+    for loud in ("worker line that is an error", "an error from the library", "an error record from a library",
+                 "bft's own note"):
         assert loud in console and loud in log.read_text(), loud
     assert "SFT examples" in console and "counts reconcile: yes" in console  # the summary
 
@@ -170,16 +180,27 @@ def test_gpu_seconds_split_by_tokens_and_estimated_for_pools_that_report_none(tm
     # one shared replica of generate + curate, up 100 s on 2 GPUs; rewrite's ray.data.llm pool left no record
     (folder / "a.json").write_text(json.dumps({"stages": ["generate", "curate"], "gpus": 2,
                                                "started_at": 1000.0, "last_active": 1100.0}))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # rewrite's batches: two overlapping ones, then one in a later attempt (the gap is not counted)
+    for folder, name, start, finish in (("rewritten", "a", 100, 105), ("dropped", "rewrite-b", 103, 110),
+                                        ("rewritten", "c", 5000, 5003)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        table = pa.table({"id": ["x"]}).replace_schema_metadata(
+            {b"bft.started_at": str(start).encode(), b"bft.finished_at": str(finish).encode()})
+        pq.write_table(table, tmp_path / folder / f"{name}.parquet")
     stages = {"generate": {"in": 10, "prompt_tokens": 200, "completion_tokens": 100, "wall_s": 50},
               "curate": {"in": 10, "prompt_tokens": 80, "completion_tokens": 20, "wall_s": 40},
-              "rewrite": {"in": 5, "prompt_tokens": 10, "completion_tokens": 10, "wall_s": 10}}
+              "rewrite": {"in": 5, "prompt_tokens": 10, "completion_tokens": 10, "wall_s": 4903}}
     cost = engine_cost(cfg, Storage(StorageConfig()), str(tmp_path), stages, final_rows=40)
-    assert cost["replica_seconds"] == {"generate": 75.0, "curate": 25.0, "rewrite": 20.0}
-    assert cost["gpu_seconds"] == {"generate": 150.0, "curate": 50.0, "rewrite": 20.0}
+    # rewrite: (10 + 3) s with batches in hand x 2 replicas x 1 GPU, not its 4903 s wall span
+    assert cost["replica_seconds"] == {"generate": 75.0, "curate": 25.0, "rewrite": 26.0}
+    assert cost["gpu_seconds"] == {"generate": 150.0, "curate": 50.0, "rewrite": 26.0}
     assert cost["measured"] == {"generate": True, "curate": True, "rewrite": False}
-    assert cost["usd"] == pytest.approx(220 / 3600 * 3.6) and cost["usd_per_1000_pairs"] == pytest.approx(5.5)
+    assert cost["usd"] == pytest.approx(226 / 3600 * 3.6) and cost["usd_per_1000_pairs"] == pytest.approx(5.65)
     line = cost_line(cost)
-    assert "220 GPU-seconds" in line and "estimated for rewrite" in line and "$5.50 per 1,000 pairs" in line
+    assert "226 GPU-seconds" in line and "estimated for rewrite" in line and "$5.65 per 1,000 pairs" in line
 
 
 def test_status_watch_ends_with_the_run_and_quiet_has_no_progress_view(corpus, tmp_path, monkeypatch, capsys):
@@ -188,3 +209,20 @@ def test_status_watch_ends_with_the_run_and_quiet_has_no_progress_view(corpus, t
     assert "progress: " not in capsys.readouterr().err
     watched = status(str(tmp_path / "runs" / "r6"), "--watch", "1")
     assert watched.returncode == 0 and watched.stdout.count("run ") == 1 and ": finished" in watched.stdout
+
+
+def test_a_run_that_crashes_shows_the_end_of_its_log_and_gives_the_console_back(corpus, tmp_path, monkeypatch,
+                                                                                 capfd):
+    def crashes(*args, **kwargs):
+        os.write(2, b"Check failed: something native broke\n")  # straight to the descriptor
+        raise RuntimeError("engine core died")
+
+    monkeypatch.setattr(pipeline, "run_dataset", crashes)
+    with pytest.raises(RuntimeError):
+        main(["run", str(corpus), "--run-id", "r7", "--log-file", str(tmp_path / "crash.log")])
+    err = capfd.readouterr().err
+    assert f"lines of {tmp_path / 'crash.log'}:" in err and "Check failed: something native broke" in err
+    os.write(2, b"the console is ours again\n")
+    print("and stdout too")
+    out, err = capfd.readouterr()
+    assert "the console is ours again" in err and "and stdout too" in out

@@ -102,7 +102,7 @@ def _quietly(args: argparse.Namespace, call: Any, *call_args: Any) -> Any:
 
     if args.verbose or getattr(args, "log_path", None) is None:
         return call(*call_args)
-    with quiet_run(args.log_path, logging.WARNING if args.quiet else logging.INFO):
+    with quiet_run(args.log_path, logging.WARNING if args.quiet else logging.INFO, _user_errors()):
         return call(*call_args)
 
 
@@ -116,13 +116,21 @@ def _run_one(cfg: Any, args: argparse.Namespace) -> int:
                             force=args.force, progress=progress)
 
     interval = args.progress_interval
+    if not args.verbose and getattr(args, "log_path", None) is None:  # one log file for this command
+        args.log_path = Path(args.log_file) if args.log_file else default_log_path()
+        try:
+            args.log_path.parent.mkdir(parents=True, exist_ok=True)
+            args.log_path.open("a").close()
+        except OSError as exc:
+            logging.getLogger("bft").warning("cannot write the log file %s (%s): logs stay on the console",
+                                             args.log_path, exc)
+            args.verbose = True
+        else:
+            print(f"logs: {args.log_path} (--verbose shows them here)")
     if args.verbose:  # the logs scroll on the console; progress as lines between them
         result = run(lambda storage, uri: ProgressView(storage, uri, sys.stdout, interval, live=False))
     else:
-        if getattr(args, "log_path", None) is None:  # one log file for every run of this command
-            args.log_path = Path(args.log_file) if args.log_file else default_log_path()
-            print(f"logs: {args.log_path} (--verbose shows them here)")
-        with quiet_run(args.log_path, logging.WARNING if args.quiet else logging.INFO) as console:
+        with quiet_run(args.log_path, logging.WARNING if args.quiet else logging.INFO, _user_errors()) as console:
             result = run(None if args.quiet else
                          (lambda storage, uri: ProgressView(storage, uri, console, interval)))
     manifest = result.manifest
@@ -210,9 +218,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     storage_cfg, _ = load_report_settings(args.config, list(args.set))
     storage = Storage(storage_cfg)
     tallies = FileTallies(storage, args.run_uri)
+    looks = 0
     while True:
         progress = snapshot(storage, args.run_uri, tallies)
-        if progress.state == "not started" and not args.watch:
+        looks += 1
+        # --watch waits a while for a run about to start, not forever for a wrong path
+        if progress.state == "not started" and (not args.watch or looks * args.watch > 600):
             raise FileNotFoundError(f"{args.run_uri}: no run there (nothing written yet, or a wrong path)")
         print(json.dumps(progress.to_dict(), indent=2) if args.json else format_status(progress), flush=True)
         if not args.watch or progress.state not in ("running", "not started"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import posixpath
 import uuid
@@ -167,6 +168,18 @@ class Storage:
         except (PermissionError, ConnectionError) as exc:
             raise StorageError(f"{uri}: cannot list it: {_cause(exc)}") from None
 
+    def read_json_files(self, uri: str) -> list[Any]:
+        """The JSON files below ``uri``, parsed; one that is unreadable (being replaced,
+        cut short) is left out: the records kept this way are each written whole."""
+        found = []
+        for file in self.list_files(uri):
+            if file.endswith(".json"):
+                try:
+                    found.append(json.loads(self.read_bytes(file)))
+                except (ValueError, OSError):
+                    continue
+        return found
+
     def read_bytes(self, uri: str) -> bytes:
         with self.open(uri, "rb") as fh:
             return fh.read()
@@ -228,9 +241,17 @@ class Storage:
         Path(tmp).write_bytes(data)
         try:
             with self._local_lock(path):
-                os.link(tmp, path)
-        except FileExistsError:
-            return False
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                except OSError:  # a filesystem without hard links: exclusive create, then write
+                    try:
+                        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    except FileExistsError:
+                        return False
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(data)
         finally:
             os.unlink(tmp)
         return True

@@ -108,15 +108,18 @@ def scaled_run(tmp_path_factory, tiny_model):
         per_stage = [f"--set={stage}.{key}" for stage in ("generate", "curate", "rewrite")
                      for key in (f"replicas=[{REPLICAS}, {REPLICAS}]", f"resources.cpus_per_worker={CPUS_PER_GPU}")]
         out = work / "out"
+        log = work / "run.log"
         run = subprocess.Popen([sys.executable, "-m", "bft.cli", "run", "examples/quickstart.yaml", "--run-id", "scaled",
                                 f"--set=output.uri={out}", f"--set=ray.address={address}", f"--set=model={tiny_model}",
-                                *per_stage], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                                *per_stage], cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
         during = []
+        deadline = time.time() + 600  # a run the autoscaler never serves would wait for nodes forever
         while run.poll() is None:
+            assert time.time() < deadline, f"the run did not end in 600 s: {during[-3:]}"
             during.append(active_nodes(ray_status(address, env)))
             time.sleep(3)
-        output = run.stdout.read()
+        output = log.read_text()
         ended = time.time()
         after = []
         deadline = ended + IDLE_TIMEOUT_MIN * 60 + 120
@@ -129,6 +132,8 @@ def scaled_run(tmp_path_factory, tiny_model):
                "during": during, "after": after, "ended": ended, "events": autoscaler_events(temp_dir),
                "status_after": ray_status(address, env)}
     finally:
+        if "run" in locals() and run.poll() is None:
+            kill_session(run.pid)
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=20)

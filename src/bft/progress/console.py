@@ -29,7 +29,8 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def default_log_path() -> Path:
-    folder = Path(os.environ.get(LOG_DIR_ENV) or Path.home() / ".cache" / "bft" / "logs")
+    home = os.environ.get("HOME") or "/tmp"  # (a job environment may have no HOME)
+    folder = Path(os.environ.get(LOG_DIR_ENV) or Path(home) / ".cache" / "bft" / "logs")
     return folder / f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
 
 
@@ -55,6 +56,7 @@ class ConsoleSink:
     def __init__(self, stream: TextIO):
         self.stream = stream
         self.live: object | None = None  # a rich Live, set by the progress view while it draws
+        self.failed = False  # the routed block ended with an unexplained error
 
     def write(self, text: str) -> int:
         live = self.live
@@ -117,13 +119,18 @@ class _ConsoleFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_run(log_path: Path, level: int = logging.INFO) -> Iterator[ConsoleSink]:
+def quiet_run(log_path: Path, level: int = logging.INFO,
+              explained: tuple[type[BaseException], ...] = ()) -> Iterator[ConsoleSink]:
     """Route the process's output to ``log_path`` for the block; yields the user's console
-    (masked), for the progress view and what is meant for the user."""
+    (masked), for the progress view and what is meant for the user. Every change is
+    undone on the way out, however the block ends; a block that fails with an error not
+    in ``explained`` (those that say what is wrong in one line) also shows the last lines
+    of the log: a native crash writes to the descriptors, not through the filter."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Ray Data's own progress bars would only fill the log with redraws.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    with open(log_path, "a", buffering=1, encoding="utf-8", errors="replace") as raw:
+    with contextlib.ExitStack() as undo:
+        raw = undo.enter_context(open(log_path, "a", buffering=1, encoding="utf-8", errors="replace"))
         log_file = MaskedStream(raw)  # type: ignore[arg-type]
         out, err = sys.stdout, sys.stderr
         console_err = err._stream if isinstance(err, MaskedStream) else err
@@ -132,63 +139,79 @@ def quiet_run(log_path: Path, level: int = logging.INFO) -> Iterator[ConsoleSink
         # and give the console a descriptor of its own.
         for stream in (out, err):
             stream.flush()
-        saved_fds = {fd: os.dup(fd) for fd in (1, 2) if _is_open(fd)}
-        own_console = None
-        if _fileno(console_err) == 2 and 2 in saved_fds:
-            own_console = os.fdopen(os.dup(saved_fds[2]), "w", buffering=1, encoding="utf-8", errors="replace")
-            console_err = own_console
-        for fd in saved_fds:
-            os.dup2(raw.fileno(), fd)
+        if _fileno(console_err) == 2 and _is_open(2):
+            console_err = undo.enter_context(os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8",
+                                                       errors="replace"))
         sink = ConsoleSink(MaskedStream(console_err))  # type: ignore[arg-type]
+        undo.callback(_show_tail_on_error, undo, log_path, sink)
+        for fd in (1, 2):
+            if _is_open(fd):
+                saved = os.dup(fd)
+                undo.callback(os.close, saved)
+                undo.callback(os.dup2, saved, fd)
+                undo.callback(raw.flush)
+                os.dup2(raw.fileno(), fd)
+
         root = logging.getLogger()
-        saved_handlers, saved_level = root.handlers[:], root.level
+        undo.callback(setattr, root, "handlers", root.handlers[:])
+        undo.callback(root.setLevel, root.level)
         file_handler = logging.StreamHandler(log_file)
         file_handler.setFormatter(logging.Formatter(_FORMAT))
         console_handler = logging.StreamHandler(sink)  # type: ignore[arg-type]
         console_handler.setFormatter(logging.Formatter(_FORMAT))
         console_handler.addFilter(_ConsoleFilter(level))
         # The console handler of logging.basicConfig gives way; others (a test's capture) stay.
-        kept = [h for h in saved_handlers if not (type(h) is logging.StreamHandler and h.stream in (out, err))]
+        kept = [h for h in root.handlers if not (type(h) is logging.StreamHandler and h.stream in (out, err))]
         root.handlers = [*kept, file_handler, console_handler]
-        root.setLevel(min(saved_level or logging.INFO, logging.INFO))
+        root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
         # Handlers made earlier (Ray's own) hold the masked streams: send what they carry
         # through the router by swapping what those streams write to.
-        routed = []
         for stream in (out, err):
             if isinstance(stream, MaskedStream):
-                routed.append((stream, stream._stream))
+                undo.callback(setattr, stream, "_stream", stream._stream)
                 # (what reaches it is masked already; the sink masks again, harmlessly)
                 stream._stream = _Router(raw, sink)  # type: ignore[arg-type, assignment]
         # Loggers with handlers of their own (Ray's "ray" tree) may hold the console
         # streams themselves, whenever they were made: those handlers write to the router.
         consoles = {id(x) for x in (out, err, console_err, sys.__stdout__, sys.__stderr__) if x is not None}
-        redirected = []
         for name in list(logging.Logger.manager.loggerDict):
-            library = name.split(".")[0] in ("ray", "vllm")  # console handlers, whatever they hold
+            library = name.split(".")[0] in ("ray", "vllm")
             for handler in getattr(logging.getLogger(name), "handlers", []):
+                stream = getattr(handler, "stream", None)
+                # handlers on the console streams, or (Ray's, vLLM's) on descriptors 1 and 2 (a
+                # handler writing to a buffer of its own, a test's capture, is left alone)
                 if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                        and (library or id(handler.stream) in consoles):
+                        and (id(stream) in consoles or (library and _fileno(stream) in (1, 2))):
                     try:
                         previous = handler.setStream(_Router(log_file, sink))  # type: ignore[arg-type]
-                    except AttributeError:  # a handler whose stream is fixed (logging's last resort)
+                    except (AttributeError, ValueError):  # a fixed stream (logging's last resort), a closed one
                         continue
-                    redirected.append((handler, previous))
+                    if previous is not None:
+                        undo.callback(handler.setStream, previous)
+        undo.callback(setattr, sys, "stdout", out)
+        undo.callback(setattr, sys, "stderr", err)
         if not isinstance(out, MaskedStream):
             sys.stdout = _Router(log_file, sink)  # type: ignore[arg-type, assignment]
         if not isinstance(err, MaskedStream):
             sys.stderr = _Router(log_file, sink)  # type: ignore[arg-type, assignment]
         try:
             yield sink
-        finally:
-            for stream, target in routed:
-                stream._stream = target
-            for handler, stream in redirected:
-                handler.setStream(stream)
-            sys.stdout, sys.stderr = out, err
-            root.handlers, root.level = saved_handlers, saved_level
-            raw.flush()
-            for fd, saved in saved_fds.items():
-                os.dup2(saved, fd)
-                os.close(saved)
-            if own_console is not None:
-                own_console.close()
+        except explained:
+            raise
+        except BaseException:
+            sink.failed = True
+            raise
+
+
+TAIL_LINES = 15
+
+
+def _show_tail_on_error(undo: contextlib.ExitStack, log_path: Path, sink: ConsoleSink) -> None:
+    if not sink.failed:
+        return
+    try:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-TAIL_LINES:]
+    except OSError:
+        return
+    sink.write(f"the last {len(tail)} lines of {log_path}:\n" + "".join(f"  {line}\n" for line in tail))

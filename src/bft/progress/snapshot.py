@@ -11,6 +11,7 @@ one listing plus the files written since the last look.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from bft.lease import lease_uri, process_gone
 from bft.stages import FINAL, FOLDERS, LLM_STAGES, ORDER
 from bft.steps.read import STATS_DIR, read_stats
-from bft.storage import Storage, join
+from bft.storage import Storage, is_remote, join
 from bft.writers.manifest import MANIFEST_NAME
 from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, SEED_PAIRS_FILE, STARTED_KEY
 
@@ -42,7 +43,10 @@ class FileTally:
     started: float | None = None
     finished: float | None = None
     read_record: dict[str, Any] | None = None  # an input file's read record
-    segments_added: int = 0  # filter: rows that cutting long documents added (in this file)
+    # filter: the documents (source, source_row) of the segment rows in this file; the
+    # rows cutting added are counted over all files (a document's segments may be split
+    # between a kept and a drop file)
+    segment_docs: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _parquet_times(meta: dict[bytes, bytes] | None) -> tuple[float | None, float | None]:
@@ -51,27 +55,33 @@ def _parquet_times(meta: dict[bytes, bytes] | None) -> tuple[float | None, float
             float(meta[FINISHED_KEY]) if FINISHED_KEY in meta else None)
 
 
-def _segments_added(pf: pq.ParquetFile) -> int:
-    """Segment rows beyond one per document (a document's segments are cut, and written,
-    by one task: they are in one file)."""
+def _segment_docs(pf: pq.ParquetFile) -> list[tuple[str, int]]:
+    """The document of each segment row of a filter file."""
     if "segment" not in pf.schema_arrow.names:
-        return 0
+        return []
     table = pf.read(columns=["source", "source_row", "segment"])
-    cut = [(src, row) for src, row, seg in zip(*(table.column(c).to_pylist() for c in ("source", "source_row",
-                                                                                       "segment")))
-           if seg is not None]
-    return len(cut) - len(set(cut))
+    return [(src, row) for src, row, seg in zip(*(table.column(c).to_pylist() for c in ("source", "source_row",
+                                                                                         "segment")))
+            if seg is not None]
 
 
 def _sum(table: Any, *columns: str) -> int:
     return int(sum(v for c in columns if c in table.column_names for v in table.column(c).to_pylist() if v))
 
 
+def run_folder(run_uri: str) -> str:
+    """``run_uri`` as listings name it: local paths absolute (``out/r1``, ``./out/r1``,
+    ``file://...``), no trailing slash."""
+    if not is_remote(run_uri):
+        run_uri = os.path.abspath(run_uri.removeprefix("file://"))
+    return run_uri.rstrip("/")
+
+
 class FileTallies:
     """Per-file tallies of one run, kept between polls (by file name and size)."""
 
     def __init__(self, storage: Storage, run_uri: str):
-        self.storage, self.run_uri = storage, run_uri.rstrip("/")
+        self.storage, self.run_uri = storage, run_folder(run_uri)
         self.cache: dict[str, tuple[int, FileTally]] = {}
         self.stage_of_folder = {folder: stage for stage, folder in FOLDERS.items()}
 
@@ -118,14 +128,14 @@ class FileTallies:
                                  dropped=Counter(table.column("reason").to_pylist()),
                                  tokens=_sum(table, "prompt_tokens", "completion_tokens"),
                                  started=started, finished=finished,
-                                 segments_added=_segments_added(pf) if stage == "filter" else 0)
+                                 segment_docs=_segment_docs(pf) if stage == "filter" else [])
             stage = self.stage_of_folder[folder]
             tokens = 0
             if stage in LLM_STAGES:
                 columns = [c for c in (f"{stage}_prompt_tokens", f"{stage}_completion_tokens") if c in names]
                 tokens = _sum(pf.read(columns=columns), *columns) if columns else 0
             return FileTally(stage=stage, rows=pf.metadata.num_rows, tokens=tokens, started=started,
-                             finished=finished, segments_added=_segments_added(pf) if stage == "filter" else 0)
+                             finished=finished, segment_docs=_segment_docs(pf) if stage == "filter" else [])
 
 
 @dataclass
@@ -230,10 +240,10 @@ def snapshot(storage: Storage, run_uri: str, tallies: FileTallies | None = None,
     read_records = []
     attempt_started = float(attempt["started_at"]) if attempt else None
     tokens_this_attempt = 0
-    segments_added = 0
+    segment_rows: list[tuple[str, int]] = []
     last_write = None
     for tally in files:
-        segments_added += tally.segments_added
+        segment_rows += tally.segment_docs
         if tally.read_record is not None:
             read_records.append(tally.read_record)
             stages["read"].out += int(tally.read_record.get("rows_ok", 0))
@@ -256,8 +266,8 @@ def snapshot(storage: Storage, run_uri: str, tallies: FileTallies | None = None,
     sizes = (attempt or {}).get("input_files") or {}
     files_total = len(sizes) if attempt else None
     expected = _expected_rows(attempt, read_records, sizes)
-    if expected is not None:
-        expected += segments_added
+    if expected is not None:  # rows that cutting long documents added: segments beyond one per document
+        expected += len(segment_rows) - len(set(segment_rows))
     rows_done = sum(dropped.values()) + stages[FINAL].out
     before = int((attempt or {}).get("rows_done_before", 0))
     if attempt_started is None:
@@ -304,8 +314,18 @@ def write_attempt_record(storage: Storage, run_uri: str, input_uri: str | None, 
     if input_uri and wanted:
         listed = storage.list_sizes(input_uri)
         sizes = {uri: listed.get(uri, 0) for uri in sorted(wanted) if uri}
-    before = snapshot(storage, run_uri).rows_done if resumed else 0
+    before = rows_done_by_footers(storage, run_uri) if resumed else 0
     storage.write_bytes(join(run_uri, ATTEMPT_FILE), json.dumps(
         {"started_at": started_at, "input_files": sizes, "rows_entering": rows_entering,
          "rows_done_before": before}).encode())
 
+
+def rows_done_by_footers(storage: Storage, run_uri: str) -> int:
+    """Rows earlier attempts took to the end (final or dropped), from Parquet footers only."""
+    total = 0
+    for folder in (DROPPED_DIR, FOLDERS[FINAL]):
+        for uri in storage.list_files(join(run_uri, folder)):
+            if uri.endswith(".parquet") and uri.rsplit("/", 1)[-1] != SEED_PAIRS_FILE:
+                with storage.open(uri, "rb") as fh:
+                    total += pq.ParquetFile(fh).metadata.num_rows
+    return total

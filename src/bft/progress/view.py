@@ -29,16 +29,21 @@ def duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def headline(p: RunProgress) -> str:
-    """``34% · 120/352 rows · 41.2 tok/s · elapsed 1m02s · ETA 2m10s``"""
-    fraction = p.fraction
-    parts = [f"{fraction:.0%}" if fraction is not None else "estimating",
-             f"{p.rows_done}/{p.expected_rows if p.expected_rows is not None else '?'} rows done",
-             f"{p.final_rows} final", f"{sum(p.dropped_by_reason.values())} dropped"]
+def counts(p: RunProgress, final: bool = False) -> str:
+    """``34% · 120/352 rows done · 15 final · 28 dropped`` (``final``: the stream ended)."""
+    fraction = 1.0 if final else p.fraction
+    return " · ".join([f"{fraction:.0%}" if fraction is not None else "estimating",
+                       f"{p.rows_done}/{p.expected_rows if p.expected_rows is not None else '?'} rows done",
+                       f"{p.final_rows} final", f"{sum(p.dropped_by_reason.values())} dropped"])
+
+
+def headline(p: RunProgress, final: bool = False) -> str:
+    """``34% · 120/352 rows done · 15 final · 28 dropped · 41.2 tok/s · elapsed 1m02s · ETA 2m10s``"""
+    parts = [counts(p, final)]
     if p.tokens_per_s:
         parts.append(f"{p.tokens_per_s:,.1f} tok/s")
     parts.append(f"elapsed {duration(p.elapsed_s)}")
-    if p.state == "running":
+    if p.state == "running" and not final:
         parts.append(f"ETA {duration(p.eta_s)}")
     return " · ".join(parts)
 
@@ -49,7 +54,7 @@ def stage_line(p: RunProgress) -> str:
     return " · ".join([f"read {files}", *(f"{name} {p.stages[name].done}" for name in ORDER[1:])])
 
 
-def render_table(p: RunProgress) -> Any:
+def render_table(p: RunProgress, final: bool = False) -> Any:
     from rich.console import Group
     from rich.progress_bar import ProgressBar
     from rich.table import Table
@@ -65,9 +70,9 @@ def render_table(p: RunProgress) -> Any:
         reasons = ", ".join(f"{r}={n}" for r, n in s.dropped.most_common(3))
         table.add_row(name, done, f"{s.out:,}", f"{sum(s.dropped.values()):,}",
                       f"{s.tokens:,}" if s.tokens else "", reasons)
-    fraction = p.fraction or 0.0
+    fraction = 1.0 if final else p.fraction or 0.0
     return Group(Text(f"run {p.run_uri}"), ProgressBar(total=1.0, completed=fraction, width=60),
-                 Text(headline(p)), table)
+                 Text(headline(p, final)), table)
 
 
 class ProgressView:
@@ -100,18 +105,17 @@ class ProgressView:
             if (p := self.poll()) is not None:
                 self._show(p)
 
-    def _show(self, p: RunProgress) -> None:
+    def _show(self, p: RunProgress, final: bool = False) -> None:
         if self._live is not None:
-            self._live.update(render_table(p))
+            self._live.update(render_table(p, final))
             return
-        line = f"progress: {headline(p)} | {stage_line(p)}"
         # The same counts again (the last look after the last tick, a pause) add nothing;
         # a long pause (engines loading) is still shown once a minute.
-        same = line.split(" · elapsed")[0] == (self.shown or "").split(" · elapsed")[0]
-        if not same or time.monotonic() - self.shown_at >= 60:
-            self.console.write(line + "\n")
+        key = f"{counts(p, final)} | {stage_line(p)}"
+        if key != self.shown or time.monotonic() - self.shown_at >= 60:
+            self.console.write(f"progress: {headline(p, final)} | {stage_line(p)}\n")
             self.console.flush()
-            self.shown, self.shown_at = line, time.monotonic()
+            self.shown, self.shown_at = key, time.monotonic()
 
     def __enter__(self) -> ProgressView:
         if self.live:
@@ -128,13 +132,15 @@ class ProgressView:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.stopped.set()
-        if self.thread is not None:
-            self.thread.join(timeout=60)
-        if (p := self.poll()) is not None:  # the final state, whatever the last tick showed
-            self._show(p)
-        if self._live is not None:
-            if hasattr(self.console, "live"):
-                self.console.live = None
-            self._live.stop()
+        try:
+            if self.thread is not None:
+                self.thread.join(timeout=60)
+            if (p := self.poll()) is not None:  # the final state, whatever the last tick showed
+                self._show(p, final=exc_type is None)
+        finally:
+            if self._live is not None:
+                if hasattr(self.console, "live"):
+                    self.console.live = None
+                self._live.stop()  # (shows the cursor again)

@@ -57,14 +57,7 @@ def record_failure(storage: Storage, run_uri: str, where: str, error: str, origi
 
 def read_failures(storage: Storage, run_uri: str) -> list[dict[str, Any]]:
     """The recorded failures, oldest first."""
-    found = []
-    for uri in storage.list_files(join(run_uri, FAILURES_DIR)):
-        if uri.endswith(".json"):
-            try:
-                found.append(json.loads(storage.read_bytes(uri)))
-            except (ValueError, OSError):
-                continue
-    return sorted(found, key=lambda r: r.get("time", 0))
+    return sorted(storage.read_json_files(join(run_uri, FAILURES_DIR)), key=lambda r: r.get("time", 0))
 
 
 def first_error(failures: list[dict[str, Any]]) -> str | None:

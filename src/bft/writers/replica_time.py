@@ -50,11 +50,4 @@ def _node_id() -> str | None:
 
 
 def read_replicas(storage: Storage, run_uri: str) -> list[dict[str, Any]]:
-    records = []
-    for uri in storage.list_files(join(run_uri, REPLICAS_DIR)):
-        if uri.endswith(".json"):
-            try:
-                records.append(json.loads(storage.read_bytes(uri)))
-            except (ValueError, OSError):
-                continue
-    return records
+    return storage.read_json_files(join(run_uri, REPLICAS_DIR))
