@@ -14,7 +14,6 @@ A few minutes of Ray Train and engine start-up: ``make test-train`` (CI runs it 
 
 from __future__ import annotations
 
-import glob
 import json
 import subprocess
 import sys
@@ -61,12 +60,20 @@ def shape(args: list[str] | tuple[str, ...]) -> set[str]:
 
 
 def checkpointed_step(out: Path) -> int:
-    """The last step whose checkpoint is complete under ``out/checkpoints``."""
+    """The last step whose checkpoint Ray Train has registered (its run snapshot lists
+    it) under ``out/checkpoints``: a checkpoint folder written but not yet registered
+    when the kill lands is not one a restart can resume from (on a loaded machine the
+    controller registers them seconds later)."""
+    try:
+        snapshot = json.loads((out / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not there yet, or being written
+        return 0
     steps = [0]
-    for state in glob.glob(str(out / "checkpoints" / "checkpoint_*" / "state.json")):
+    for result in snapshot.get("checkpoint_results", []):
+        state = out / "checkpoints" / result["checkpoint_dir_name"] / "state.json"
         try:
-            steps.append(json.loads(Path(state).read_text())["step"])
-        except (OSError, ValueError):  # being written
+            steps.append(json.loads(state.read_text())["step"])
+        except (OSError, ValueError):
             pass
     return max(steps)
 
