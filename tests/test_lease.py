@@ -66,7 +66,9 @@ def test_a_lease_of_an_ended_process_on_this_machine_is_taken_over_at_once(tmp_p
     gone = subprocess.Popen(["true"])
     gone.wait()
     plant(tmp_path, host=socket.gethostname(), pid=gone.pid, renewed_at=time.time())
-    RunLease(STORAGE, str(tmp_path), ttl_s=120).acquire().release()
+    lease = RunLease(STORAGE, str(tmp_path), ttl_s=120).acquire()  # raises LeaseHeld if not taken over
+    assert json.loads((tmp_path / LEASE_FILE).read_text())["holder"] == lease.holder
+    lease.release()
 
 
 def test_the_lease_is_renewed_while_held_and_a_lost_lease_stops_its_driver(tmp_path):
