@@ -180,19 +180,15 @@ def test_gpu_seconds_split_by_tokens_and_estimated_for_pools_that_report_none(tm
     # one shared replica of generate + curate, up 100 s on 2 GPUs; rewrite's ray.data.llm pool left no record
     (folder / "a.json").write_text(json.dumps({"stages": ["generate", "curate"], "gpus": 2,
                                                "started_at": 1000.0, "last_active": 1100.0}))
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from bft.writers.manifest import union_seconds
 
     # rewrite's batches: two overlapping ones, then one in a later attempt (the gap is not counted)
-    for folder, name, start, finish in (("rewritten", "a", 100, 105), ("dropped", "rewrite-b", 103, 110),
-                                        ("rewritten", "c", 5000, 5003)):
-        (tmp_path / folder).mkdir(exist_ok=True)
-        table = pa.table({"id": ["x"]}).replace_schema_metadata(
-            {b"bft.started_at": str(start).encode(), b"bft.finished_at": str(finish).encode()})
-        pq.write_table(table, tmp_path / folder / f"{name}.parquet")
+    rewrite_active = union_seconds([(100, 105), (103, 110), (5000, 5003)])
+    assert rewrite_active == 13
     stages = {"generate": {"in": 10, "prompt_tokens": 200, "completion_tokens": 100, "wall_s": 50},
               "curate": {"in": 10, "prompt_tokens": 80, "completion_tokens": 20, "wall_s": 40},
-              "rewrite": {"in": 5, "prompt_tokens": 10, "completion_tokens": 10, "wall_s": 4903}}
+              "rewrite": {"in": 5, "prompt_tokens": 10, "completion_tokens": 10, "wall_s": 4903,
+                          "active_s": rewrite_active}}
     cost = engine_cost(cfg, Storage(StorageConfig()), str(tmp_path), stages, final_rows=40)
     # rewrite: (10 + 3) s with batches in hand x 2 replicas x 1 GPU, not its 4903 s wall span
     assert cost["replica_seconds"] == {"generate": 75.0, "curate": 25.0, "rewrite": 26.0}

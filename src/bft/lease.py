@@ -52,6 +52,20 @@ def is_lease_file(uri: str, run_uri: str) -> bool:
     return uri.startswith(lease_uri(run_uri))  # the lease and its local lock file
 
 
+def stale_reason(lease: dict[str, Any], default_ttl_s: float, now: float | None = None) -> str | None:
+    """Why a lease may be taken over (its driver is gone), or None while its holder may
+    be alive: unreadable, not renewed within its TTL, or held by an ended process of
+    this machine."""
+    if lease.get("unreadable"):
+        return "it could not be read (a driver died while writing it)"
+    age = (time.time() if now is None else now) - float(lease.get("renewed_at", 0))
+    if age > float(lease.get("ttl_s", default_ttl_s)):
+        return f"last renewed {age:.0f} s ago"
+    if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int) and process_gone(lease["pid"]):
+        return f"its process {lease['pid']} on this machine has ended"
+    return None
+
+
 def process_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -94,17 +108,6 @@ class RunLease:
             # lease that does not parse was left by a writer that died mid-write: stale.
             return {"holder": "?", "unreadable": True}, version
 
-    def _stale(self, lease: dict[str, Any]) -> str | None:
-        """Why ``lease`` may be taken over, or None while its holder may be alive."""
-        if lease.get("unreadable"):
-            return "it could not be read (a driver died while writing it)"
-        age = time.time() - float(lease.get("renewed_at", 0))
-        if age > float(lease.get("ttl_s", self.ttl_s)):
-            return f"last renewed {age:.0f} s ago"
-        if lease.get("host") == self.host and isinstance(lease.get("pid"), int) and process_gone(lease["pid"]):
-            return f"its process {lease['pid']} on this machine has ended"
-        return None
-
     def acquire(self) -> RunLease:
         for _ in range(3):
             body = self._body()
@@ -119,7 +122,7 @@ class RunLease:
             if lease.get("holder") == self.holder:  # our create landed; its reply was lost
                 self.version = version
                 break
-            why = self._stale(lease)
+            why = stale_reason(lease, self.ttl_s)
             if why is None:
                 age = time.time() - float(lease.get("renewed_at", 0))
                 raise LeaseHeld(

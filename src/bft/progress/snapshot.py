@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,12 +19,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from bft.lease import lease_uri, process_gone
+from bft.lease import LEASE_FILE, lease_uri, stale_reason
 from bft.stages import FINAL, FOLDERS, LLM_STAGES, ORDER
 from bft.steps.read import STATS_DIR, read_stats
 from bft.storage import Storage, is_remote, join
-from bft.writers.manifest import MANIFEST_NAME
-from bft.writers.parquet import DROPPED_DIR, FINISHED_KEY, SEED_PAIRS_FILE, STARTED_KEY
+from bft.writers.manifest import MANIFEST_NAME, parquet_times
+from bft.writers.parquet import DROPPED_DIR, SEED_PAIRS_FILE, parquet_files
 
 # Written by the driver when an attempt starts (pipeline.py): when, which input files
 # (with their sizes) the run covers, and how many rows earlier attempts had finished.
@@ -47,12 +46,6 @@ class FileTally:
     # rows cutting added are counted over all files (a document's segments may be split
     # between a kept and a drop file)
     segment_docs: list[tuple[str, int]] = field(default_factory=list)
-
-
-def _parquet_times(meta: dict[bytes, bytes] | None) -> tuple[float | None, float | None]:
-    meta = meta or {}
-    return (float(meta[STARTED_KEY]) if STARTED_KEY in meta else None,
-            float(meta[FINISHED_KEY]) if FINISHED_KEY in meta else None)
 
 
 def _segment_docs(pf: pq.ParquetFile) -> list[tuple[str, int]]:
@@ -116,7 +109,7 @@ class FileTallies:
                              started=record.get("started_at"), finished=record.get("finished_at"))
         with self.storage.open(uri, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            started, finished = _parquet_times(pf.schema_arrow.metadata)
+            started, finished = parquet_times(pf.schema_arrow.metadata)
             names = pf.schema_arrow.names
             if folder == DROPPED_DIR:
                 # one stage's rows per drop file (writers/parquet.py names it after the stage)
@@ -207,11 +200,8 @@ def _json(storage: Storage, uri: str) -> dict[str, Any] | None:
 
 
 def _state(storage: Storage, run_uri: str, others: dict[str, int], now: float) -> tuple[str, str]:
-    lease = _json(storage, lease_uri(run_uri)) if "_run/lease.json" in others else None
-    # a lease renewed lately, and not of a process of this machine that has ended
-    if lease is not None and now - float(lease.get("renewed_at", 0)) <= float(lease.get("ttl_s", 120)) and not (
-            lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int)
-            and process_gone(lease["pid"])):
+    lease = _json(storage, lease_uri(run_uri)) if LEASE_FILE in others else None
+    if lease is not None and stale_reason(lease, 120, now) is None:
         return "running", f"driver {lease.get('host', '?')} pid {lease.get('pid', '?')} ({lease.get('command', 'bft run')})"
     manifest = _json(storage, join(run_uri, MANIFEST_NAME)) if MANIFEST_NAME in others else None
     if manifest is not None:
@@ -324,8 +314,7 @@ def rows_done_by_footers(storage: Storage, run_uri: str) -> int:
     """Rows earlier attempts took to the end (final or dropped), from Parquet footers only."""
     total = 0
     for folder in (DROPPED_DIR, FOLDERS[FINAL]):
-        for uri in storage.list_files(join(run_uri, folder)):
-            if uri.endswith(".parquet") and uri.rsplit("/", 1)[-1] != SEED_PAIRS_FILE:
-                with storage.open(uri, "rb") as fh:
-                    total += pq.ParquetFile(fh).metadata.num_rows
+        for uri in parquet_files(storage, join(run_uri, folder)):
+            with storage.open(uri, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
     return total

@@ -25,8 +25,7 @@ def stats_uri(run_uri: str, source: str) -> str:
 
 def read_stats(storage: Storage, run_uri: str) -> list[dict]:
     """The per-file read records of a run."""
-    return [json.loads(storage.read_bytes(uri)) for uri in storage.list_files(join(run_uri, STATS_DIR))
-            if uri.endswith(".json")]
+    return storage.read_json_files(join(run_uri, STATS_DIR))
 
 
 def unfinished(rows: list[dict], stage: str, finished: Any) -> list[dict]:

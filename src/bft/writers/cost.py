@@ -5,7 +5,7 @@ Replicas of a shared pool (``engines/shared.py``) record how long they held thei
 accelerators (``replica_time.py``); a replica serving several stages splits its time by
 the stages' share of its tokens (prompt + completion). ``ray.data.llm`` pools run no code
 of ours in their replicas, so for them the time is estimated as the time the stage had
-batches in hand x its maximum replicas (``measured: false``), the time counted once
+batches in hand (the manifest's ``active_s``) x its maximum replicas (``measured: false``), the time counted once
 however many batches overlapped and without the gaps between attempts: an upper bound
 when the pool did not grow to its maximum.
 """
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from bft.stages import FOLDERS, LLM_STAGES
-from bft.storage import Storage, join
-from bft.writers.parquet import FINISHED_KEY, STARTED_KEY, dropped_files, parquet_files
+from bft.stages import LLM_STAGES
+from bft.storage import Storage
 from bft.writers.replica_time import read_replicas
 
 
@@ -46,7 +43,7 @@ def engine_cost(cfg: Any, storage: Storage, run_uri: str, stages: dict[str, dict
         if not measured[name] and stages[name].get("in"):
             stage = cfg.llm_stage(name)
             replicas = max(stage.replicas)
-            replica_s[name] = active_seconds(storage, run_uri, name) * replicas
+            replica_s[name] = stages[name].get("active_s", 0.0) * replicas
             gpu_s[name] = replica_s[name] * stage.resources.gpus_per_worker * stage.workers_per_replica
     gpu_total = sum(gpu_s.values())
     price = cfg.cost.gpu_hour_usd
@@ -60,24 +57,6 @@ def engine_cost(cfg: Any, storage: Storage, run_uri: str, stages: dict[str, dict
         "usd": round(usd, 4) if usd is not None else None,
         "usd_per_1000_pairs": round(usd / final_rows * 1000, 4) if usd is not None and final_rows else None,
     }
-
-
-def active_seconds(storage: Storage, run_uri: str, stage: str) -> float:
-    """How long ``stage`` had batches in hand: the union of its batches' spans (their
-    files' start and finish times), so that the hours between two attempts of a resumed
-    run are not counted."""
-    spans = []
-    for uri in [*parquet_files(storage, join(run_uri, FOLDERS[stage])), *dropped_files(storage, run_uri, stage)]:
-        with storage.open(uri, "rb") as fh:
-            meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
-        if STARTED_KEY in meta and FINISHED_KEY in meta:
-            spans.append((float(meta[STARTED_KEY]), float(meta[FINISHED_KEY])))
-    total, end = 0.0, float("-inf")
-    for start, finish in sorted(spans):
-        if finish > end:
-            total += finish - max(start, end)
-            end = finish
-    return total
 
 
 def cost_line(cost: dict[str, Any] | None) -> str | None:

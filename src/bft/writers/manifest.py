@@ -47,6 +47,7 @@ class _StageTally:
         self.cached_tokens = 0
         self.cached_unreported = 0  # rows an engine answered without saying what it had cached
         self.started: float | None = None
+        self.spans: list[tuple[float, float]] = []  # each batch's (start, finish)
         self.finished: float | None = None
         self.files = 0
         self.reread = 0  # rows read again on resume that an earlier attempt had finished
@@ -69,13 +70,16 @@ class _StageTally:
         return self.segment_rows - len(self.segmented_docs)
 
     def span(self, started: float | None, finished: float | None) -> None:
+        if started is not None and finished is not None:
+            self.spans.append((started, finished))
         if started is not None:
             self.started = started if self.started is None else min(self.started, started)
         if finished is not None:
             self.finished = finished if self.finished is None else max(self.finished, finished)
 
 
-def _times(meta: dict[bytes, bytes] | None) -> tuple[float | None, float | None]:
+def parquet_times(meta: dict[bytes, bytes] | None) -> tuple[float | None, float | None]:
+    """A stage file's batch start and finish (its schema metadata)."""
     meta = meta or {}
     started = float(meta[STARTED_KEY]) if STARTED_KEY in meta else None
     finished = float(meta[FINISHED_KEY]) if FINISHED_KEY in meta else None
@@ -128,7 +132,7 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
                 pf = pq.ParquetFile(fh)
                 tally.out += pf.metadata.num_rows
                 tally.files += 1
-                tally.span(*_times(pf.schema_arrow.metadata))
+                tally.span(*parquet_times(pf.schema_arrow.metadata))
                 if stage == "filter":
                     tally.add_segments(_read(pf, ["source", "source_row", "segment"]))
                 if stage in LLM_STAGES:
@@ -140,7 +144,7 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
             pf = pq.ParquetFile(fh)
             table = _read(pf, ["stage", "reason", "source", "source_row", "segment", "prompt_tokens",
                                "completion_tokens", "cached_tokens"])
-            started, finished = _times(pf.schema_arrow.metadata)
+            started, finished = parquet_times(pf.schema_arrow.metadata)
         for stage_name, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
             tallies[stage_name].dropped[reason] += 1
         stage_names = set(table.column("stage").to_pylist())
@@ -152,6 +156,17 @@ def tally_run(storage: Storage, run_uri: str, attempt_started: float = 0.0) -> d
             if stage_name in LLM_STAGES:
                 _add_tokens(tally, table, "")
     return tallies
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """The time covered by ``spans``: overlapping batches counted once, the gaps between
+    them (between two attempts of a resumed run) not at all."""
+    total, end = 0.0, float("-inf")
+    for start, finish in sorted(spans):
+        if finish > end:
+            total += finish - max(start, end)
+            end = finish
+    return total
 
 
 def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
@@ -190,6 +205,8 @@ def stage_counts(tallies: dict[str, _StageTally], start_stage: str = "read",
             # do not say (ray.data.llm's pools, engine.sharing per_stage): a partial sum
             # would pass for the whole.
             entry["cached_prompt_tokens"] = None if tally.cached_unreported else tally.cached_tokens
+            # the time it had batches in hand (the cost estimate of pools that report none)
+            entry["active_s"] = round(union_seconds(tally.spans), 3)
         if rows_in + added != tally.out + dropped:
             more = f" + {added} segments added" if added else ""
             problems.append(f"{stage}: {rows_in} in{more} != {tally.out} out + {dropped} dropped")
